@@ -1,0 +1,3 @@
+"""Universal Sparse Autoencoders."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,334 @@
+"""Typed configuration: the CLI, the saved ``config.json`` and validation in one place.
+
+Each dataclass is a subcommand of ``usae``; its field docstrings become ``--help``. A resolved
+config (auto values filled in) is what a run directory saves, so a run explains itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import tyro
+
+from usae.errors import UsaeError
+
+SCHEMA_VERSION = 1
+
+Rule = Literal["random-source", "all-sources", "as-released"]
+Encoder = Literal["linear", "mlp"]
+Activation = Literal["topk", "batchtopk"]
+Normalization = Literal["scalar", "per-dim", "paper", "none"]
+DecoderNorm = Literal["max1", "unit"]
+
+
+@dataclass(frozen=True)
+class SAEConfig:
+    """The architecture of a UniversalSAE: everything needed to rebuild its tensors."""
+
+    widths: dict[str, int]
+    """Model name -> activation width d_i, in store order."""
+    n_latents: int
+    """Size s of the shared concept dictionary."""
+    k: int
+    """Active latents per row (TopK), or the per-row average (BatchTopK)."""
+    encoder: Encoder = "linear"
+    """'linear', or 'mlp': Linear + BatchNorm1d before the activation (the paper's mlp_bn_1)."""
+    activation: Activation = "topk"
+    """'topk' per row, or 'batchtopk' (top b*k over a batch; a learned threshold at inference)."""
+    decoder_norm: DecoderNorm = "max1"
+    """'max1': dictionary rows may shrink below norm 1 (a model can fade a concept it lacks);
+    'unit': rows kept at exactly norm 1, gradient parallel to each row removed (the paper)."""
+
+    def __post_init__(self) -> None:
+        if not self.widths:
+            raise UsaeError("sae config: 'widths' names no model")
+        for name, d in self.widths.items():
+            if not isinstance(d, int) or d < 1:
+                raise UsaeError(
+                    f"sae config: width of model {name!r} must be a positive int, got {d!r}"
+                )
+        if self.n_latents < 1:
+            raise UsaeError(f"sae config: n_latents must be >= 1, got {self.n_latents}")
+        if not 1 <= self.k <= self.n_latents:
+            raise UsaeError(
+                f"sae config: k must be in [1, n_latents={self.n_latents}], got {self.k}"
+            )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Fit a universal SAE on a paired activation store."""
+
+    store: tyro.conf.Positional[Path]
+    """Paired activation store directory (written by `usae synth`, `write_store` or extraction)."""
+    out: Path = Path("runs/usae")
+    """Run directory: config.json, model.safetensors, metrics.jsonl, checkpoints/."""
+    n_latents: int = 4096
+    """Number of shared concepts (dictionary size)."""
+    k: int = 32
+    """Active concepts per token."""
+    steps: int = 2000
+    """Optimiser steps."""
+    batch_size: int = 4096
+    """Rows (tokens) per step."""
+    seed: int = 0
+    """Seed: initialisation, data order and source choice. A run is deterministic on CPU."""
+    rule: Rule = "random-source"
+    """'random-source': each step encodes one random model and decodes to all (paper);
+    'all-sources': every model encodes each step; 'as-released': random-source but only the
+    sampled model's parameters are stepped, discarding cross-model gradients (official code)."""
+    models: tuple[str, ...] | None = None
+    """Subset of the store's models to train on (default: all, in store order)."""
+    lr: float | None = None
+    """Peak learning rate. Default: measured rule in docs/defaults.md, scaled by n_latents."""
+    warmup_steps: int | None = None
+    """Linear warmup steps. Default: 5% of steps (at most 1000)."""
+    lr_end_ratio: float = 0.0
+    """Final LR of the cosine decay as a fraction of the peak."""
+    optimizer: Literal["adam", "adamw"] = "adam"
+    """Adam, or AdamW (decoupled weight decay on encoder weights only)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (encoder weights)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam betas."""
+    grad_clip: float | None = 1.0
+    """Clip the global gradient norm to this value (None: no clipping)."""
+    loss: Literal["l2", "l1"] = "l2"
+    """Reconstruction loss per element in normalised units: squared (l2) or absolute (l1)."""
+    encoder: Encoder = "linear"
+    """Per-model encoder: 'linear' or 'mlp' (Linear + BatchNorm, the paper's mlp_bn_1)."""
+    activation: Activation = "topk"
+    """'topk' or 'batchtopk'."""
+    normalization: Normalization = "scalar"
+    """Input normalisation per model: 'scalar' (per-dim mean, one scalar std), 'per-dim'
+    (per-dim mean and std), 'paper' (one scalar mean and std, as released), 'none'."""
+    decoder_norm: DecoderNorm = "max1"
+    """Dictionary rows: 'max1' (norm <= 1) or 'unit' (norm == 1, the paper). See docs/defaults.md."""
+    init: Literal["data", "random"] = "data"
+    """Dictionary init: rows from the same random data rows in every model, or random directions.
+    Encoders start as the decoder transpose either way."""
+    auxk_coef: float = 1 / 32
+    """Weight of the AuxK loss that revives dead latents (0 disables)."""
+    k_aux: int | None = None
+    """Dead latents used by AuxK per row. Default: min(n_latents // 2, 256)."""
+    dead_after_tokens: int = 262_144
+    """A latent is dead for a model after this many of its encoded tokens without firing."""
+    log_every: int = 50
+    """Write metrics.jsonl every N steps (the only host syncs in the loop)."""
+    save_every: int = 0
+    """Write a resumable checkpoint every N steps (0: only at the end)."""
+    resume: bool = False
+    """Continue from the newest checkpoint in --out."""
+    overwrite: bool = False
+    """Allow training into a run directory that already holds a run."""
+    device: str = "auto"
+    """'auto' (cuda if present), 'cpu', 'cuda', 'cuda:1', ..."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        checks = {
+            "steps": self.steps >= 1,
+            "batch_size": self.batch_size >= 1,
+            "n_latents": self.n_latents >= 1,
+            "log_every": self.log_every >= 1,
+            "save_every": self.save_every >= 0,
+            "dead_after_tokens": self.dead_after_tokens >= 1,
+            "lr": self.lr is None or self.lr > 0,
+            "warmup_steps": self.warmup_steps is None or self.warmup_steps >= 0,
+            "lr_end_ratio": 0.0 <= self.lr_end_ratio <= 1.0,
+            "grad_clip": self.grad_clip is None or self.grad_clip > 0,
+            "auxk_coef": self.auxk_coef >= 0,
+            "k_aux": self.k_aux is None or self.k_aux >= 1,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise UsaeError(f"train config: invalid {name}={getattr(self, name)!r}")
+        if not 1 <= self.k <= self.n_latents:
+            raise UsaeError(
+                f"train config: k must be in [1, n_latents={self.n_latents}], got {self.k}"
+            )
+
+    def resolved_warmup(self) -> int:
+        return self.warmup_steps if self.warmup_steps is not None else min(1000, self.steps // 20)
+
+    def resolved_k_aux(self) -> int:
+        return self.k_aux if self.k_aux is not None else max(1, min(self.n_latents // 2, 256))
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluate a trained run on a store: cross-reconstruction R², FVU, L0, dead, firing stats."""
+
+    run: tyro.conf.Positional[Path]
+    """Run directory (from `usae train`)."""
+    store: tyro.conf.Positional[Path]
+    """Paired activation store with the run's models."""
+    out: Path | None = None
+    """Where to write report.json (default: RUN/report.json)."""
+    batch_size: int = 8192
+    """Rows per streamed batch."""
+    max_rows: int | None = None
+    """Evaluate only the first N rows."""
+    tau: float = 0.1
+    """A latent fires when its code exceeds tau."""
+    device: str = "auto"
+    """'auto', 'cpu', 'cuda', ..."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """Write a synthetic universal-concept world as a store (plus its ground truth)."""
+
+    out: tyro.conf.Positional[Path]
+    """Store directory to create; the ground truth goes to OUT/../<name>.truth.safetensors."""
+    widths: tuple[int, ...] = (64, 96, 128)
+    """Width of each model (models are named a, b, c, ...)."""
+    n_rows: int = 100_000
+    """Rows (tokens)."""
+    n_universal: int = 64
+    """Concepts every model sees."""
+    n_partial: int = 32
+    """Concepts a subset of models sees."""
+    n_specific: int = 32
+    """Concepts one model sees."""
+    k_active: int = 8
+    """Average concepts active per row."""
+    noise: float = 0.05
+    """Observation noise relative to the signal."""
+    seed: int = 0
+    """World seed."""
+    overwrite: bool = False
+    """Replace an existing store."""
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """End-to-end demo on a synthetic world: synth -> train -> evaluate -> recovery."""
+
+    out: Path = Path("demo-out")
+    """Directory for the store, the run and the report."""
+    steps: int = 1500
+    """Training steps."""
+    seed: int = 0
+    """Seed for world and training."""
+    device: str = "auto"
+    """'auto', 'cpu', 'cuda'."""
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON round trip with strict key checking
+
+
+def to_json_dict(cfg: Any) -> dict[str, Any]:
+    """A dataclass as JSON-ready dict (paths as str, tuples as lists)."""
+
+    def conv(v: Any) -> Any:
+        if isinstance(v, Path):
+            return str(v)
+        if isinstance(v, tuple | list):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {str(a): conv(b) for a, b in v.items()}
+        return v
+
+    return {f.name: conv(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+
+
+def from_json_dict(cls: type, data: dict[str, Any], where: str) -> Any:
+    """Rebuild dataclass ``cls`` from ``data``; unknown or missing keys raise UsaeError naming ``where``."""
+    if not isinstance(data, dict):
+        raise UsaeError(f"{where}: expected a JSON object, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise UsaeError(f"{where}: unknown config key(s) {unknown}")
+    hints = typing.get_type_hints(cls, include_extras=False)
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise UsaeError(f"{where}: missing config key {name!r}")
+            continue
+        kwargs[name] = _coerce(hints[name], data[name], f"{where}: field {name!r}")
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, v: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Annotated:
+        return _coerce(args[0], v, where)
+    if origin in (typing.Union, types.UnionType):
+        if v is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, v, where)
+            except UsaeError:
+                continue
+        raise UsaeError(f"{where}: value {v!r} has the wrong type")
+    if origin is Literal:
+        if v not in args:
+            raise UsaeError(f"{where}: {v!r} is not one of {list(args)}")
+        return v
+    if origin is tuple:
+        if not isinstance(v, list | tuple):
+            raise UsaeError(f"{where}: expected a list, got {v!r}")
+        inner = args[0] if len(args) == 2 and args[1] is Ellipsis else None
+        if inner is None and len(args) != len(v):
+            raise UsaeError(f"{where}: expected {len(args)} items, got {len(v)}")
+        return tuple(
+            _coerce(inner or a, x, where) for a, x in zip(args or [None] * len(v), v, strict=False)
+        )
+    if origin is dict:
+        if not isinstance(v, dict):
+            raise UsaeError(f"{where}: expected an object, got {v!r}")
+        return {str(a): _coerce(args[1], b, where) for a, b in v.items()}
+    if tp is Path:
+        if not isinstance(v, str):
+            raise UsaeError(f"{where}: expected a path string, got {v!r}")
+        return Path(v)
+    if tp is float:
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise UsaeError(f"{where}: expected a number, got {v!r}")
+        return float(v)
+    if tp in (int, bool, str):
+        if type(v) is not tp:
+            raise UsaeError(f"{where}: expected {tp.__name__}, got {v!r}")
+        return v
+    return v
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to ``path`` via a temporary file, fsync and rename (never half-written)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def read_json(path: Path, what: str) -> Any:
+    """Read a JSON file; a missing or malformed file is a one-line UsaeError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsaeError(f"{path}: {what} not found")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsaeError(f"{path}: {what} is not valid JSON ({e.__class__.__name__}: {e})") from None

@@ -1,0 +1,196 @@
+"""Evaluate a trained run on a store, streaming: never holds all codes in memory.
+
+One pass over the store accumulates, per source model i and destination model j, the sums the
+metrics need (squared errors, fire counts, co-fire counts, code sums) in float64; the report is
+computed from those sums at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from usae import metrics
+from usae.checkpoint import load
+from usae.config import EvalConfig, write_json_atomic
+from usae.errors import UsaeError
+from usae.sae import SparseCode, UniversalSAE
+from usae.store import Store, open_store
+from usae.train import resolve_device
+
+log = logging.getLogger(__name__)
+
+REPORT_VERSION = 1
+
+
+class _Sums:
+    """Streaming sufficient statistics for every metric of the report."""
+
+    def __init__(self, names: list[str], n_latents: int, device: torch.device) -> None:
+        m, s = len(names), n_latents
+        f64 = {"dtype": torch.float64, "device": device}
+        self.sse_mm = torch.zeros(m, m, **f64)  # [src, dst]
+        self.sum_y = {n: None for n in names}  # sum of (x - store mean), per dim, per model
+        self.sum_yy = torch.zeros(m, **f64)  # sum of squared centred values per model
+        self.fires_ms = torch.zeros(m, s, **f64)  # code > tau
+        self.active_ms = torch.zeros(m, s, **f64)  # code != 0 (for dead / L0)
+        self.sum_z_ms = torch.zeros(m, s, **f64)
+        self.cofires_s = torch.zeros(s, **f64)
+        self.n_rows = 0
+
+
+def _dense(code: SparseCode | torch.Tensor, n_latents: int) -> torch.Tensor:
+    return code.to_dense(n_latents) if isinstance(code, SparseCode) else code
+
+
+@torch.no_grad()
+def _accumulate(
+    sae: UniversalSAE, x: dict[str, torch.Tensor], means: dict, tau: float, acc: _Sums
+) -> None:
+    names = sae.model_names
+    all_fire_bs = None
+    for i, src in enumerate(names):
+        z_bs = _dense(sae.encode_sparse(src, x[src]), sae.n_latents)
+        fire_bs = z_bs > tau
+        acc.fires_ms[i] += fire_bs.sum(0)
+        acc.active_ms[i] += (z_bs != 0).sum(0)
+        acc.sum_z_ms[i] += z_bs.sum(0)
+        all_fire_bs = fire_bs if all_fire_bs is None else all_fire_bs & fire_bs
+        for j, dst in enumerate(names):
+            x_hat = sae.decode(dst, z_bs)
+            acc.sse_mm[i, j] += (x[dst].double() - x_hat.double()).square().sum()
+    acc.cofires_s += all_fire_bs.sum(0)
+    for j, dst in enumerate(names):
+        y = x[dst].double() - means[dst]
+        acc.sum_y[dst] = y.sum(0) if acc.sum_y[dst] is None else acc.sum_y[dst] + y.sum(0)
+        acc.sum_yy[j] += y.square().sum()
+    acc.n_rows += next(iter(x.values())).shape[0]
+
+
+def evaluate_sae(
+    sae: UniversalSAE,
+    store: Store,
+    *,
+    batch_size: int = 8192,
+    max_rows: int | None = None,
+    tau: float = 0.1,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Stream ``store`` through ``sae`` and return the report dict (see ``evaluate``)."""
+    names = sae.model_names
+    for name in names:
+        if name not in store.widths:
+            raise UsaeError(f"store {store.path} has no model {name!r} (has {store.model_names})")
+        if store.widths[name] != sae.cfg.widths[name]:
+            raise UsaeError(
+                f"store {store.path}: model {name!r} has width {store.widths[name]}, the run expects {sae.cfg.widths[name]}"
+            )
+    device = next(sae.parameters()).device
+    sae.eval()
+    stop = store.n_rows if max_rows is None else min(max_rows, store.n_rows)
+    means = {
+        n: torch.as_tensor(store.stats(n).mean, dtype=torch.float64, device=device) for n in names
+    }
+    acc = _Sums(names, sae.n_latents, device)
+    bar = tqdm(total=stop, unit="row", desc="evaluate", disable=not progress)
+    for _, batch in store.iter_batches(batch_size, names=names, start=0, stop=stop):
+        x = {n: torch.from_numpy(batch[n]).to(device) for n in names}
+        _accumulate(sae, x, means, tau, acc)
+        bar.update(next(iter(batch.values())).shape[0])
+    bar.close()
+    return _report(sae, store, acc, tau)
+
+
+def _report(sae: UniversalSAE, store: Store, acc: _Sums, tau: float) -> dict[str, Any]:
+    names, n = sae.model_names, acc.n_rows
+    sst_m = torch.stack(
+        [acc.sum_yy[j] - acc.sum_y[d].square().sum() / n for j, d in enumerate(names)]
+    )
+    r2_mm = metrics.r2_from_sums(acc.sse_mm, sst_m[None, :])
+    fe_s = metrics.firing_entropy(acc.fires_ms)
+    cfp_ms = metrics.cofire_proportion(acc.cofires_s, acc.fires_ms)
+    dict_norm_ms = torch.stack([sae.dictionary(nm).norm(dim=1).double() for nm in names]).to(
+        acc.sum_z_ms
+    )
+    energy_ms = metrics.energy(acc.sum_z_ms / n, dict_norm_ms)
+    labels = metrics.classify_latents(acc.fires_ms, n)
+    classes = {c: labels.count(c) for c in ("universal", "partial", "specific", "dead")}
+    off_diag = [float(r2_mm[i, j]) for i in range(len(names)) for j in range(len(names)) if i != j]
+    return {
+        "report_version": REPORT_VERSION,
+        "model_names": names,
+        "n_rows": n,
+        "n_latents": sae.n_latents,
+        "k": sae.k,
+        "tau": tau,
+        "store": {"path": str(store.path), "hash": store.hash},
+        "r2_matrix": _nan_to_none(r2_mm.tolist()),
+        "r2_self_mean": float(r2_mm.diagonal().mean()),
+        "r2_cross_mean": sum(off_diag) / len(off_diag) if off_diag else None,
+        "fvu": {nm: float(1 - r2_mm[i, i]) for i, nm in enumerate(names)},
+        "l0": {nm: float(acc.active_ms[i].sum() / n) for i, nm in enumerate(names)},
+        "dead_fraction": {
+            nm: float(metrics.dead_fraction(acc.active_ms[i])) for i, nm in enumerate(names)
+        },
+        "dead_fraction_all": float(metrics.dead_fraction(acc.active_ms.sum(0))),
+        "firing_entropy": _nan_to_none(fe_s.tolist()),
+        "firing_entropy_mean": _nan_to_none(float(fe_s.nanmean())),
+        "fires": {nm: acc.fires_ms[i].long().tolist() for i, nm in enumerate(names)},
+        "cofiring": {
+            "cofires": acc.cofires_s.long().tolist(),
+            "proportion": {nm: _nan_to_none(cfp_ms[i].tolist()) for i, nm in enumerate(names)},
+        },
+        "energy": {nm: energy_ms[i].tolist() for i, nm in enumerate(names)},
+        "classes": {
+            "counts": classes,
+            "labels": labels,
+            "rule": "used by a model = fires on >= 1e-4 of rows",
+        },
+    }
+
+
+def _nan_to_none(v: Any) -> Any:
+    """JSON has no NaN: undefined values (latents that never fire) become null."""
+    if isinstance(v, list):
+        return [_nan_to_none(x) for x in v]
+    return None if isinstance(v, float) and v != v else v
+
+
+def evaluate(
+    run: str | Path | UniversalSAE,
+    store: str | Path | Store,
+    out: str | Path | None = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """Evaluate ``run`` (a run directory or a UniversalSAE) on ``store``; write report.json.
+
+    Report keys: r2_matrix ([src][dst] cross-reconstruction R² in raw units), fvu, l0,
+    dead_fraction (per model), firing_entropy (per latent), cofiring, energy (per model, per latent),
+    classes. ``out`` defaults to RUN/report.json when ``run`` is a directory (no file otherwise).
+    """
+    sae = load(run) if not isinstance(run, UniversalSAE) else run
+    store = store if isinstance(store, Store) else open_store(store)
+    report = evaluate_sae(sae, store, **kwargs)
+    if out is None and not isinstance(run, UniversalSAE):
+        out = Path(run) / "report.json"
+    if out is not None:
+        write_json_atomic(Path(out), report)
+        log.info("wrote %s", out)
+    return report
+
+
+def evaluate_cli(cfg: EvalConfig) -> dict[str, Any]:
+    sae = load(cfg.run, device=resolve_device(cfg.device))
+    return evaluate(
+        sae,
+        cfg.store,
+        out=cfg.out or cfg.run / "report.json",
+        batch_size=cfg.batch_size,
+        max_rows=cfg.max_rows,
+        tau=cfg.tau,
+        progress=cfg.progress,
+    )

@@ -1,0 +1,458 @@
+"""Training a UniversalSAE: ``fit(config)``, ``train_step`` and the LR schedule.
+
+Every source of randomness during training is a pure function of (seed, step): the rows of a
+batch (a per-epoch permutation), the source model of the random-source rule. A checkpoint
+therefore only needs weights, optimiser state, the step and the dead-latent counters for a
+resumed run to end bit-identical to an uninterrupted one on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from usae import checkpoint as ckpt_io
+from usae.config import SAEConfig, TrainConfig, from_json_dict, to_json_dict
+from usae.errors import UsaeError
+from usae.losses import auxk_code, auxk_loss, reconstruction_loss
+from usae.sae import SparseCode, UniversalSAE
+from usae.store import Store, open_store
+
+log = logging.getLogger(__name__)
+
+# Fields that may differ between a run and its resumption without changing the result.
+RESUME_FREE_FIELDS = {
+    "resume",
+    "overwrite",
+    "progress",
+    "device",
+    "save_every",
+    "log_every",
+    "steps",
+    "store",
+}
+# AuxK uses min(k_aux, dead latents) per row; the dead count is read on this fixed cadence (a host
+# sync), independent of log_every so logging settings never change the result.
+DEAD_CHECK_EVERY = 25
+
+
+def default_lr(n_latents: int) -> float:
+    """Peak LR used when --lr is not given; measured in docs/defaults.md.
+
+    1e-2 at 512 latents, falling as 1/sqrt(n_latents) (wider dictionaries: smaller rows steps).
+    """
+    return 1e-2 * math.sqrt(512 / n_latents)
+
+
+def lr_at(step: int, peak: float, warmup: int, total: int, end_ratio: float = 0.0) -> float:
+    """Linear warmup to ``peak`` over ``warmup`` steps, then cosine decay to ``end_ratio * peak``."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return peak * (end_ratio + (1.0 - end_ratio) * cosine)
+
+
+# -- data order ---------------------------------------------------------------------------------
+class DataOrder:
+    """Rows of batch ``step``: consecutive slices of per-epoch permutations seeded by (seed, epoch)."""
+
+    def __init__(self, n_rows: int, batch_size: int, seed: int) -> None:
+        self.n_rows, self.batch_size, self.seed = n_rows, batch_size, seed
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            if len(self._perms) > 2:
+                self._perms.pop(min(self._perms))
+            self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n_rows)
+        return self._perms[epoch]
+
+    def rows(self, step: int) -> np.ndarray:
+        pos = np.arange(step * self.batch_size, (step + 1) * self.batch_size, dtype=np.int64)
+        epoch, offset = np.divmod(pos, self.n_rows)
+        out = np.empty_like(pos)
+        for e in np.unique(epoch):
+            sel = epoch == e
+            out[sel] = self._perm(int(e))[offset[sel]]
+        return out
+
+
+def sources_at(step: int, seed: int, names: list[str], rule: str) -> list[str]:
+    """Models encoded at ``step``: one drawn from (seed, step) for random-source rules, else all."""
+    if rule == "all-sources":
+        return list(names)
+    return [names[int(np.random.default_rng([seed, step, 7]).integers(len(names)))]]
+
+
+class Loader:
+    """Fetches batch ``step`` of every model from the store, one step ahead in a thread."""
+
+    def __init__(
+        self, store: Store, names: list[str], order: DataOrder, device: torch.device
+    ) -> None:
+        self.store, self.names, self.order, self.device = store, names, order, device
+        self._pool = ThreadPoolExecutor(max_workers=1)
+        self._next: tuple[int, Any] | None = None
+
+    def _read(self, step: int) -> dict[str, Tensor]:
+        rows = self.order.rows(step)
+        return {name: torch.from_numpy(self.store.take(name, rows)) for name in self.names}
+
+    def get(self, step: int) -> dict[str, Tensor]:
+        if self._next is not None and self._next[0] == step:
+            batch = self._next[1].result()
+        else:
+            batch = self._read(step)
+        self._next = (step + 1, self._pool.submit(self._read, step + 1))
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+# -- the step -----------------------------------------------------------------------------------
+class StepStats(NamedTuple):
+    """Detached per-step numbers (tensors: reading them syncs the device, so only at log steps)."""
+
+    loss: Tensor
+    """Total loss that was minimised."""
+    recon_d: dict[str, Tensor]
+    """Reconstruction loss per decoded model, averaged over sources."""
+    aux: Tensor
+    """AuxK loss (0 when no latent is dead)."""
+
+
+def train_step(
+    sae: UniversalSAE,
+    optimizer: torch.optim.Optimizer,
+    x_n: dict[str, Tensor],
+    sources: list[str],
+    cfg: TrainConfig,
+    since_fired_ms: Tensor,
+    k_aux: int,
+) -> StepStats:
+    """One update: encode each source, decode into every model, sum the losses, step.
+
+    ``x_n``: normalised (b, d_i) activations of every model on the same rows. ``since_fired_ms``
+    (tokens since each latent last fired, per model) is updated in place for AuxK; ``k_aux`` dead
+    latents per row feed AuxK (0: off).
+    """
+    names = sae.model_names
+    optimizer.zero_grad(set_to_none=True)
+    total = torch.zeros((), device=since_fired_ms.device)
+    recon = {dst: torch.zeros_like(total) for dst in names}
+    aux = torch.zeros_like(total)
+    for src in sources:
+        m = names.index(src)
+        z_pre_bs = sae.pre_activation(src, x_n[src])
+        code = sae.activate(src, z_pre_bs)
+        _update_since_fired(since_fired_ms[m], code, x_n[src].shape[0])
+        dead_s = since_fired_ms[m] > cfg.dead_after_tokens
+        aux_code = SparseCode(*auxk_code(z_pre_bs, dead_s, k_aux)) if k_aux > 0 else None
+        for dst in names:
+            x_hat_bd = sae.decode_normalized(dst, code)
+            recon[dst] = recon[dst] + reconstruction_loss(x_hat_bd, x_n[dst], cfg.loss)
+            if aux_code is not None:
+                aux_hat_bd = sae.decode_normalized(dst, aux_code, bias=False)
+                aux = aux + auxk_loss(aux_hat_bd, (x_n[dst] - x_hat_bd).detach())
+    total = (sum(recon.values()) + cfg.auxk_coef * aux) / len(sources)
+    total.backward()
+    if cfg.rule == "as-released":
+        # The official loop steps only the sampled model's optimiser: other heads' gradients are
+        # dropped (grad None -> Adam skips the parameter and leaves its moments untouched).
+        for name, head in sae.heads.items():
+            if name != sources[0]:
+                for p in head.parameters():
+                    p.grad = None
+    if sae.cfg.decoder_norm == "unit":
+        sae.remove_parallel_grads_()
+    if cfg.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(
+            [p for p in sae.parameters() if p.grad is not None], cfg.grad_clip
+        )
+    optimizer.step()
+    sae.constrain_decoders_()
+    n_src = len(sources)
+    return StepStats(
+        total.detach(), {d: r.detach() / n_src for d, r in recon.items()}, aux.detach() / n_src
+    )
+
+
+def _update_since_fired(since_fired_s: Tensor, code: SparseCode | Tensor, n_rows: int) -> None:
+    if isinstance(code, SparseCode):
+        fired_s = torch.zeros_like(since_fired_s, dtype=torch.bool)
+        fired_s[code.idx_bk[code.val_bk > 0]] = True
+    else:
+        fired_s = (code > 0).any(0)
+    since_fired_s.add_(n_rows).masked_fill_(fired_s, 0)
+
+
+# -- fit ----------------------------------------------------------------------------------------
+class FitResult(NamedTuple):
+    """What ``fit`` returns."""
+
+    sae: UniversalSAE
+    """The trained model (eval mode)."""
+    run_dir: Path
+    """Where config.json, model.safetensors and metrics.jsonl were written."""
+    last_metrics: dict[str, float]
+    """The last metrics.jsonl record."""
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise UsaeError(f"--device: unknown device {device!r}") from None
+
+
+def resolved_train_dict(cfg: TrainConfig, names: list[str]) -> dict[str, Any]:
+    """TrainConfig as saved: auto values replaced by the numbers used."""
+    return to_json_dict(
+        dataclasses.replace(
+            cfg,
+            lr=cfg.lr if cfg.lr is not None else default_lr(cfg.n_latents),
+            warmup_steps=cfg.resolved_warmup(),
+            k_aux=cfg.resolved_k_aux(),
+            models=tuple(names),
+        )
+    )
+
+
+def _normalization(store: Store, name: str, mode: str) -> tuple[Tensor, Tensor]:
+    st = store.stats(name)
+    d = store.widths[name]
+    mean_d = torch.as_tensor(np.asarray(st.mean), dtype=torch.float32)
+    if mode == "scalar":
+        return mean_d, torch.tensor(max(st.std, 1e-8))
+    if mode == "per-dim":
+        return mean_d, torch.as_tensor(np.sqrt(np.asarray(st.var)), dtype=torch.float32).clamp_min(
+            1e-8
+        )
+    if mode == "paper":
+        total_std = math.sqrt(st.std**2 + float(np.var(np.asarray(st.mean))))
+        return torch.full((d,), st.scalar_mean), torch.tensor(max(total_std, 1e-8))
+    return torch.zeros(d), torch.ones(())
+
+
+def _prepare_run_dir(cfg: TrainConfig) -> None:
+    config_path = cfg.out / ckpt_io.CONFIG_NAME
+    if cfg.resume:
+        if not config_path.is_file():
+            raise UsaeError(f"--resume: {cfg.out} holds no run (no config.json)")
+        saved = ckpt_io.read_run_config(cfg.out)["train"]
+        for key, value in saved.items():
+            current = to_json_dict(cfg).get(key)
+            if key not in RESUME_FREE_FIELDS and current is not None and current != value:
+                raise UsaeError(
+                    f"--resume: {key}={current!r} differs from the run's {key}={value!r} ({config_path})"
+                )
+    elif config_path.exists() and not cfg.overwrite:
+        raise UsaeError(
+            f"{cfg.out} already holds a run; pass --resume to continue or --overwrite to replace it"
+        )
+    elif cfg.overwrite and cfg.out.exists():
+        for stale in ("checkpoints", "metrics.jsonl"):
+            p = cfg.out / stale
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+
+
+def build_sae(
+    cfg: TrainConfig, store: Store, names: list[str], device: torch.device
+) -> UniversalSAE:
+    """A UniversalSAE for ``names`` with the store's normalisation, randomly initialised (seeded)."""
+    sae_cfg = SAEConfig(
+        widths={n: store.widths[n] for n in names},
+        n_latents=cfg.n_latents,
+        k=cfg.k,
+        encoder=cfg.encoder,
+        activation=cfg.activation,
+        decoder_norm=cfg.decoder_norm,
+    )
+    sae = UniversalSAE(sae_cfg, generator=torch.Generator().manual_seed(cfg.seed))
+    for name in names:
+        sae.set_normalization_(name, *_normalization(store, name, cfg.normalization))
+    return sae.to(device)
+
+
+def make_optimizer(sae: UniversalSAE, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        enc = [p for n, p in sae.named_parameters() if n.endswith("W_enc")]
+        rest = [p for n, p in sae.named_parameters() if not n.endswith("W_enc")]
+        groups = [
+            {"params": enc, "weight_decay": cfg.weight_decay},
+            {"params": rest, "weight_decay": 0.0},
+        ]
+        return torch.optim.AdamW(groups, lr=0.0, betas=cfg.betas)
+    return torch.optim.Adam(sae.parameters(), lr=0.0, betas=cfg.betas)
+
+
+def fit(cfg: TrainConfig) -> FitResult:
+    """Train a UniversalSAE on ``cfg.store`` and write the run to ``cfg.out`` (see checkpoint.py)."""
+    store = open_store(cfg.store)
+    names = list(cfg.models) if cfg.models else store.model_names
+    for name in names:
+        if name not in store.widths:
+            raise UsaeError(
+                f"--models: {name!r} is not in store {store.path} (models: {store.model_names})"
+            )
+    if cfg.batch_size > store.n_rows:
+        log.warning(
+            "batch_size %d exceeds the store's %d rows; rows repeat within a batch",
+            cfg.batch_size,
+            store.n_rows,
+        )
+    _prepare_run_dir(cfg)
+    device = resolve_device(cfg.device)
+    sae = build_sae(cfg, store, names, device)
+    optimizer = make_optimizer(sae, cfg)
+    order = DataOrder(store.n_rows, cfg.batch_size, cfg.seed)
+    since_fired_ms = torch.zeros(len(names), cfg.n_latents, dtype=torch.int64, device=device)
+    n_dead = torch.zeros((), dtype=torch.int64)
+    train_dict = resolved_train_dict(cfg, names)
+    run_cfg = ckpt_io.run_config(
+        sae, train_dict, {"path": str(store.path), "hash": store.hash, "n_rows": store.n_rows}
+    )
+    start = 0
+    latest = ckpt_io.latest_checkpoint(cfg.out) if cfg.resume else None
+    if cfg.resume:
+        saved_hash = ckpt_io.read_run_config(cfg.out).get("store", {}).get("hash")
+        if saved_hash is not None and saved_hash != store.hash:
+            raise UsaeError(
+                f"--resume: store {store.path} (hash {store.hash[:12]}) is not the store this run trained on ({saved_hash[:12]})"
+            )
+    if latest is not None:
+        trainer, _ = ckpt_io.load_checkpoint(latest, sae, optimizer)
+        since_fired_ms.copy_(trainer["since_fired_ms"])
+        n_dead.copy_(trainer["n_dead"])
+        start = latest.step
+        log.info("resuming %s from step %d", cfg.out, start)
+    else:
+        if cfg.resume:
+            log.warning("--resume: no checkpoint in %s yet; starting from step 0", cfg.out)
+        _init(sae, cfg, store, names, order, device)
+        ckpt_io.save_run(cfg.out, sae, run_cfg)
+    metrics_path = cfg.out / "metrics.jsonl"
+    _truncate_metrics(metrics_path, start)
+    state = TrainerState(since_fired_ms, n_dead)
+    last = _loop(sae, optimizer, cfg, store, names, order, state, train_dict, start, metrics_path)
+    ckpt_io.save_run(cfg.out, sae, run_cfg)
+    if cfg.save_every == 0 or cfg.steps % cfg.save_every != 0:
+        _save(cfg, sae, optimizer, state, cfg.steps)
+    return FitResult(sae.eval(), cfg.out, last)
+
+
+def _init(
+    sae: UniversalSAE, cfg: TrainConfig, store: Store, names: list[str], order: DataOrder, device
+) -> None:
+    if cfg.init != "data":
+        return
+    rows = np.sort(order.rows(0)[: max(cfg.n_latents, 1)])
+    x_n = {n: sae.normalize(n, torch.from_numpy(store.take(n, rows)).to(device)) for n in names}
+    sae.init_from_data_(x_n, generator=torch.Generator().manual_seed(cfg.seed + 1))
+
+
+class TrainerState(NamedTuple):
+    """Loop state beyond weights and optimiser that a checkpoint must carry."""
+
+    since_fired_ms: Tensor
+    """(m, s) int64: tokens each model encoded since each latent last fired."""
+    n_dead: Tensor
+    """() int64: most dead latents of any model at the last check (AuxK uses min(k_aux, n_dead))."""
+
+
+def _save(cfg: TrainConfig, sae, optimizer, state: TrainerState, step: int) -> None:
+    tensors = {"since_fired_ms": state.since_fired_ms, "n_dead": state.n_dead}
+    ckpt_io.save_checkpoint(cfg.out, step, sae, optimizer, tensors, {"seed": cfg.seed})
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop log records past ``step`` (written after the checkpoint we resume from)."""
+    if not path.exists():
+        return
+    keep = [
+        line
+        for line in path.read_text().splitlines()
+        if line.strip() and json.loads(line)["step"] <= step
+    ]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def _loop(
+    sae, optimizer, cfg, store, names, order, state: TrainerState, train_dict, start, metrics_path
+) -> dict:
+    peak, warmup = train_dict["lr"], train_dict["warmup_steps"]
+    since_fired_ms = state.since_fired_ms
+    loader = Loader(store, names, order, since_fired_ms.device)
+    sae.train()
+    last: dict[str, float] = {}
+    bar = tqdm(
+        range(start, cfg.steps),
+        initial=start,
+        total=cfg.steps,
+        disable=not cfg.progress,
+        desc="train",
+    )
+    try:
+        with metrics_path.open("a") as metrics_file:
+            for step in bar:
+                lr = lr_at(step, peak, warmup, cfg.steps, cfg.lr_end_ratio)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                batch = loader.get(step)
+                x_n = {n: sae.normalize(n, batch[n]) for n in names}
+                sources = sources_at(step, cfg.seed, names, cfg.rule)
+                k_aux = min(cfg.resolved_k_aux(), int(state.n_dead)) if cfg.auxk_coef > 0 else 0
+                stats = train_step(sae, optimizer, x_n, sources, cfg, since_fired_ms, k_aux)
+                done = step + 1
+                if done % DEAD_CHECK_EVERY == 0:
+                    state.n_dead.fill_(int((since_fired_ms > cfg.dead_after_tokens).sum(1).max()))
+                if done % cfg.log_every == 0 or done == cfg.steps:
+                    dead_m = (since_fired_ms > cfg.dead_after_tokens).double().mean(1)
+                    last = _record(done, lr, stats, names, dead_m)
+                    metrics_file.write(json.dumps(last) + "\n")
+                    metrics_file.flush()
+                    bar.set_postfix(loss=f"{last['train/loss']:.4f}")
+                if cfg.save_every and done % cfg.save_every == 0:
+                    _save(cfg, sae, optimizer, state, done)
+    finally:
+        loader.close()
+    return last
+
+
+def _record(
+    step: int, lr: float, stats: StepStats, names: list[str], dead_m: Tensor
+) -> dict[str, float]:
+    rec: dict[str, float] = {
+        "step": step,
+        "lr": lr,
+        "train/loss": float(stats.loss),
+        "train/aux": float(stats.aux),
+    }
+    for i, name in enumerate(names):
+        rec[f"train/recon/{name}"] = float(stats.recon_d[name])
+        rec[f"train/dead/{name}"] = float(dead_m[i])
+    return rec
+
+
+def load_train_config(path: Path) -> TrainConfig:
+    """The TrainConfig saved in a run's config.json."""
+    cfg = ckpt_io.read_run_config(path)
+    return from_json_dict(TrainConfig, cfg["train"], f"{path}/config.json: train")

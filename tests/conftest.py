@@ -1,0 +1,35 @@
+"""Shared fixtures: small synthetic worlds written as stores."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from usae.store import write_store
+from usae.synth import make_world
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def small_world():
+    """Three models of different widths observing one planted concept set."""
+    return make_world(
+        {"a": 32, "b": 48, "c": 40},
+        n_rows=6000,
+        n_universal=24,
+        n_partial=8,
+        n_specific=9,
+        k_active=4,
+        seed=3,
+    )
+
+
+@pytest.fixture(scope="session")
+def small_store(small_world, tmp_path_factory) -> Path:
+    return write_store(
+        tmp_path_factory.mktemp("store") / "s",
+        small_world.data,
+        dtype="float32",
+        rows_per_shard=2048,
+    )

@@ -1,0 +1,134 @@
+import pytest
+import torch
+
+from usae.config import SAEConfig
+from usae.errors import UsaeError
+from usae.sae import SparseCode, UniversalSAE
+
+WIDTHS = {"a": 12, "b": 20}
+
+
+def make(**kw) -> UniversalSAE:
+    cfg = SAEConfig(widths=WIDTHS, n_latents=kw.pop("n_latents", 64), k=kw.pop("k", 4), **kw)
+    return UniversalSAE(cfg, generator=torch.Generator().manual_seed(0)).double()
+
+
+def test_encode_has_k_nonzeros_and_decodes_every_model():
+    sae = make()
+    x = torch.randn(50, 12, dtype=torch.float64) * 3 + 1
+    z = sae.encode("a", x)
+    assert z.shape == (50, 64)
+    assert ((z != 0).sum(1) <= 4).all() and (z >= 0).all()
+    assert (z != 0).sum(1).float().mean() > 3  # ReLU can zero a few, not most
+    assert sae.decode("b", z).shape == (50, 20)
+    out = sae("a", x)
+    assert set(out) == {"a", "b"} and out["b"].shape == (50, 20)
+
+
+def test_sparse_decode_matches_dense_forward_and_gradients():
+    sae = make()
+    x = torch.randn(30, 12, dtype=torch.float64)
+    z_pre = sae.pre_activation("a", sae.normalize("a", x))
+    code = sae.activate("a", z_pre)
+    assert isinstance(code, SparseCode)
+    g = torch.randn(30, 20, dtype=torch.float64)
+    sparse = sae.decode_normalized("b", code)
+    params = [sae.heads["b"].W_dec, sae.heads["a"].W_enc]
+    grads_sparse = torch.autograd.grad((sparse * g).sum(), params, retain_graph=True)
+    dense = sae.decode_normalized("b", code.to_dense(64))
+    grads_dense = torch.autograd.grad((dense * g).sum(), params)
+    torch.testing.assert_close(sparse, dense)
+    for gs, gd in zip(grads_sparse, grads_dense, strict=True):
+        torch.testing.assert_close(gs, gd)
+
+
+def test_normalisation_is_owned_by_the_sae():
+    """Raw-unit round trip: shifting/scaling the data and the normalisation together changes nothing."""
+    sae = make()
+    x = torch.randn(40, 12, dtype=torch.float64)
+    z1 = sae.encode("a", x)
+    shift, scale = (
+        torch.linspace(-5, 5, 12, dtype=torch.float64),
+        torch.tensor(7.0, dtype=torch.float64),
+    )
+    sae.set_normalization_("a", shift, scale)
+    z2 = sae.encode("a", x * scale + shift)
+    torch.testing.assert_close(z1, z2)
+    # decode returns raw units of the destination model
+    sae.set_normalization_("b", torch.full((20,), 2.0), torch.tensor(3.0))
+    torch.testing.assert_close(sae.decode("b", z1), sae.decode_normalized("b", z1) * 3.0 + 2.0)
+    # dictionary rows are in raw units: the normalisation scale multiplies them
+    torch.testing.assert_close(sae.dictionary("b"), sae.heads["b"].W_dec.detach() * 3.0)
+
+
+def test_init_encoder_is_decoder_transpose_with_unit_rows():
+    sae = make()
+    for h in sae.heads.values():
+        torch.testing.assert_close(h.W_enc, h.W_dec.T)
+        torch.testing.assert_close(h.W_dec.norm(dim=1), torch.ones(64, dtype=torch.float64))
+
+
+def test_init_from_data_uses_the_same_rows_in_every_model():
+    sae = make(n_latents=8)
+    base = torch.randn(100, 3, dtype=torch.float64)
+    x_n = {
+        "a": base @ torch.randn(3, 12, dtype=torch.float64),
+        "b": base @ torch.randn(3, 20, dtype=torch.float64),
+    }
+    sae.init_from_data_(x_n, generator=torch.Generator().manual_seed(1))
+    # each latent's rows are (centred) data rows: find the row index that matches in both models
+    for k in range(8):
+        ra = sae.heads["a"].W_dec[k]
+        ca = torch.nn.functional.cosine_similarity(x_n["a"] - x_n["a"].mean(0), ra[None], dim=1)
+        i = int(ca.argmax())
+        assert ca[i] > 0.999
+        cb = torch.nn.functional.cosine_similarity(
+            x_n["b"][i] - x_n["b"].mean(0), sae.heads["b"].W_dec[k], dim=0
+        )
+        assert cb > 0.999
+
+
+def test_decoder_constraints():
+    unit, max1 = make(decoder_norm="unit"), make(decoder_norm="max1")
+    for sae in (unit, max1):
+        with torch.no_grad():
+            sae.heads["a"].W_dec.mul_(torch.linspace(0.2, 3, 64, dtype=torch.float64)[:, None])
+        sae.constrain_decoders_()
+    torch.testing.assert_close(
+        unit.heads["a"].W_dec.norm(dim=1), torch.ones(64, dtype=torch.float64)
+    )
+    norms = max1.heads["a"].W_dec.norm(dim=1)
+    assert norms.max() <= 1 + 1e-12 and norms.min() < 0.25  # small rows are kept small
+
+
+def test_parallel_gradient_removed():
+    sae = make(decoder_norm="unit")
+    W = sae.heads["a"].W_dec
+    W.grad = torch.randn_like(W) + 5 * W.detach()
+    sae.remove_parallel_grads_()
+    assert (W.grad * W.detach()).sum(1).abs().max() < 1e-10
+
+
+def test_mlp_encoder_has_batchnorm_and_batchtopk_threshold():
+    sae = make(encoder="mlp", activation="batchtopk")
+    assert isinstance(sae.heads["a"].bn, torch.nn.BatchNorm1d)
+    sae.train()
+    x = torch.randn(64, 12, dtype=torch.float64)
+    z = sae.encode_sparse("a", x)
+    assert isinstance(z, torch.Tensor) and int((z > 0).sum()) <= 64 * 4
+    assert float(sae.heads["a"].threshold) > 0
+    sae.eval()
+    z_eval = sae.encode("a", x)
+    assert (z_eval[z_eval > 0] > sae.heads["a"].threshold).all()
+
+
+def test_bad_inputs():
+    sae = make()
+    with pytest.raises(UsaeError, match="unknown model 'zz'"):
+        sae.encode("zz", torch.zeros(2, 12))
+    with pytest.raises(UsaeError, match=r"expects \(n, 12\)"):
+        sae.encode("a", torch.zeros(2, 13, dtype=torch.float64))
+    with pytest.raises(UsaeError, match="k must be"):
+        SAEConfig(widths=WIDTHS, n_latents=8, k=9)
+    with pytest.raises(UsaeError, match="decode: code must be"):
+        sae.decode("a", torch.zeros(2, 63, dtype=torch.float64))

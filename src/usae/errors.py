@@ -5,5 +5,5 @@ print it as ``usae: error: <message>`` without a traceback.
 """
 
 
-class UsaeError(ValueError):
+class UsaeError(Exception):
     """Bad input or a broken artifact; the message is one line naming what is wrong."""

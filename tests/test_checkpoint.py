@@ -37,9 +37,7 @@ def test_save_load_equality_of_every_tensor(sae, tmp_path):
     for key in own:
         assert torch.equal(own[key], other[key]), key
     x = torch.randn(5, 6)
-    torch.testing.assert_close(
-        loaded.decode("b", loaded.encode("a", x)), sae.eval().decode("b", sae.encode("a", x))
-    )
+    torch.testing.assert_close(loaded.decode("b", loaded.encode("a", x)), sae.eval().decode("b", sae.encode("a", x)))
 
 
 def test_broken_run_files_give_one_line_errors(sae, tmp_path):
@@ -86,9 +84,7 @@ def test_optimizer_state_round_trips_without_pickle(sae):
     opt2 = torch.optim.Adam(sae.parameters(), lr=1e-3)
     opt2.load_state_dict(restored)
     a, b = opt.state_dict(), opt2.state_dict()
-    assert a["param_groups"] == b["param_groups"] or json.dumps(a["param_groups"]) == json.dumps(
-        b["param_groups"]
-    )
+    assert a["param_groups"] == b["param_groups"] or json.dumps(a["param_groups"]) == json.dumps(b["param_groups"])
     for idx, state in a["state"].items():
         for key, value in state.items():
             assert torch.equal(torch.as_tensor(value), torch.as_tensor(b["state"][idx][key]))

@@ -10,10 +10,7 @@ from usae.store import open_store
 
 def test_synth_train_evaluate(tmp_path, capsys):
     store, run = tmp_path / "store", tmp_path / "run"
-    assert (
-        main(["synth", str(store), "--widths", "16", "24", "--n-rows", "3000", "--n-partial", "0"])
-        == 0
-    )
+    assert main(["synth", str(store), "--widths", "16", "24", "--n-rows", "3000", "--n-partial", "0"]) == 0
     assert open_store(store).widths == {"a": 16, "b": 24}
     assert (tmp_path / "store.truth.safetensors").is_file()
     args = [
@@ -78,9 +75,7 @@ def test_errors_are_one_line(tmp_path, capsys, argv, message):
 
 
 def test_help_documents_flags():
-    out = subprocess.run(
-        [sys.executable, "-m", "usae", "train", "--help"], capture_output=True, text=True
-    )
+    out = subprocess.run([sys.executable, "-m", "usae", "train", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
     for flag in (
         "--n-latents",

@@ -15,9 +15,7 @@ from usae.train import fit
 @pytest.fixture(scope="module")
 def trained(small_store, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "run"
-    cfg = TrainConfig(
-        store=small_store, out=out, n_latents=64, k=4, steps=150, batch_size=256, progress=False
-    )
+    cfg = TrainConfig(store=small_store, out=out, n_latents=64, k=4, steps=150, batch_size=256, progress=False)
     return fit(cfg).sae, out
 
 
@@ -62,8 +60,6 @@ def test_streaming_is_independent_of_batch_size(trained, small_store):
 
 def test_store_that_does_not_fit_the_run(trained, tmp_path):
     sae, _ = trained
-    store = write_store(
-        tmp_path / "s", {"a": np.zeros((10, 32), np.float32), "b": np.zeros((10, 7), np.float32)}
-    )
+    store = write_store(tmp_path / "s", {"a": np.zeros((10, 32), np.float32), "b": np.zeros((10, 7), np.float32)})
     with pytest.raises(UsaeError, match="model 'b' has width 7"):
         evaluate(sae, open_store(store), progress=False)

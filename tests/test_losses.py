@@ -1,6 +1,7 @@
 import torch
 
-from usae.losses import auxk_code, auxk_loss, reconstruction_loss
+from usae.losses import auxk_loss, reconstruction_loss
+from usae.sae import _auxk_select
 
 
 def test_reconstruction_losses_known_values():
@@ -13,20 +14,15 @@ def test_reconstruction_losses_known_values():
 def test_auxk_code_picks_only_dead_latents():
     z_pre = torch.tensor([[5.0, 1.0, 3.0, -1.0], [0.5, 2.0, -4.0, 7.0]])
     dead = torch.tensor([False, True, True, False])
-    idx, val = auxk_code(z_pre, dead, k_aux=2)
+    idx, val = _auxk_select(z_pre, dead, k_aux=2)
     assert sorted(idx[0].tolist()) == [1, 2]
     assert dict(zip(idx[1].tolist(), val[1].tolist(), strict=True)) == {1: 2.0, 2: 0.0}  # ReLU
     # asking for more than are dead: live latents contribute zero
-    idx, val = auxk_code(z_pre, dead, k_aux=3)
+    idx, val = _auxk_select(z_pre, dead, k_aux=3)
     assert (val[:, :].sum(1) == torch.tensor([4.0, 2.0])).all()
 
 
 def test_auxk_loss_is_scale_free_and_zero_at_perfect_fit():
     r = torch.randn(100, 8)
     assert float(auxk_loss(r, r)) == 0.0
-    assert (
-        abs(
-            float(auxk_loss(torch.zeros_like(r), r)) - float(auxk_loss(torch.zeros_like(r), 10 * r))
-        )
-        < 1e-5
-    )
+    assert abs(float(auxk_loss(torch.zeros_like(r), r)) - float(auxk_loss(torch.zeros_like(r), 10 * r))) < 1e-5

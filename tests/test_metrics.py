@@ -66,6 +66,4 @@ def test_classify_latents():
         "partial",
     ]
     # a model firing on fewer than min_rate of rows does not count as using the latent
-    assert metrics.classify_latents(torch.tensor([[100.0], [1.0]]), 1000, min_rate=0.01) == [
-        "specific"
-    ]
+    assert metrics.classify_latents(torch.tensor([[100.0], [1.0]]), 1000, min_rate=0.01) == ["specific"]

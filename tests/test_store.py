@@ -44,9 +44,7 @@ def _write(path: Path, arrays: dict[str, np.ndarray] | None = None, **kwargs) ->
 
 
 def _tree_bytes(root: Path) -> dict[str, bytes]:
-    return {
-        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
-    }
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def test_round_trip_float32_exact_across_shards(tmp_path: Path) -> None:
@@ -61,9 +59,7 @@ def test_round_trip_float32_exact_across_shards(tmp_path: Path) -> None:
     assert store.widths == {"vit": 3, "clip.b-16": 5}
     assert len(store) == store.n_rows == N_ROWS
     assert store.dtype == np.float32 and store.n_shards == 5
-    assert sorted(p.name for p in (tmp_path / "s" / "vit").iterdir()) == [
-        shard_name(i) for i in range(5)
-    ]
+    assert sorted(p.name for p in (tmp_path / "s" / "vit").iterdir()) == [shard_name(i) for i in range(5)]
     assert np.load(tmp_path / "s" / "vit" / shard_name(4)).shape == (3, 3)
     for name, a in x.items():
         got = store.rows(name, 0, N_ROWS)
@@ -298,9 +294,7 @@ def test_refuses_bad_metadata(tmp_path: Path) -> None:
             open_store(tmp_path / "s")
         assert "\n" not in str(info.value) and str(meta_path) in str(info.value)
     meta_path.write_text(json.dumps({**good, "n_rows": 24}))  # same shard count, longer last shard
-    with pytest.raises(
-        UsaeError, match=r"shard-00004.npy: holds float32 \(3, 3\), expected .*\(4, 3\)"
-    ):
+    with pytest.raises(UsaeError, match=r"shard-00004.npy: holds float32 \(3, 3\), expected .*\(4, 3\)"):
         open_store(tmp_path / "s")
     meta_path.write_text(json.dumps({k: v for k, v in good.items() if k != "n_rows"}))
     with pytest.raises(UsaeError, match="missing field 'n_rows'"):
@@ -358,9 +352,7 @@ def test_exception_inside_with_publishes_nothing(tmp_path: Path) -> None:
     assert store.n_rows == 3 and not (tmp_path / "s.partial").exists()
 
 
-@settings(
-    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     n_rows=st.integers(1, 40),
     widths=st.lists(st.integers(1, 6), min_size=1, max_size=3),

@@ -92,18 +92,14 @@ def test_resume_after_interrupt_is_bit_identical(small_store, tmp_path, monkeypa
     resumed = fit(dataclasses.replace(part_cfg, resume=True))
     for key, value in full.sae.state_dict().items():
         assert torch.equal(value, resumed.sae.state_dict()[key]), key
-    assert (tmp_path / "full/metrics.jsonl").read_text() == (
-        tmp_path / "part/metrics.jsonl"
-    ).read_text()
+    assert (tmp_path / "full/metrics.jsonl").read_text() == (tmp_path / "part/metrics.jsonl").read_text()
 
 
 def _one_step(store, out, rule):
     cfg = cfg_for(store, out, steps=1, rule=rule, seed=0, init="random", grad_clip=None)
     names = ["a", "b", "c"]
     src = sources_at(0, 0, names, rule)[0]
-    before = train_mod.build_sae(
-        cfg, train_mod.open_store(store), names, torch.device("cpu")
-    ).state_dict()
+    before = train_mod.build_sae(cfg, train_mod.open_store(store), names, torch.device("cpu")).state_dict()
     after = fit(cfg).sae.state_dict()
     # renormalising unit rows may move the last bit; a real step moves far more than 1e-6
     return src, {k: not torch.allclose(before[k], after[k], atol=1e-6, rtol=0) for k in before}
@@ -115,9 +111,7 @@ def test_as_released_steps_only_the_sampled_model(small_store, tmp_path):
         assert changed[f"heads.{name}.W_dec"] == (name == src)
         assert changed[f"heads.{name}.W_enc"] == (name == src)
     src, changed = _one_step(small_store, tmp_path / "rs", "random-source")
-    assert all(
-        changed[f"heads.{n}.W_dec"] for n in "abc"
-    )  # every decoder got a gradient and a step
+    assert all(changed[f"heads.{n}.W_dec"] for n in "abc")  # every decoder got a gradient and a step
     assert [changed[f"heads.{n}.W_enc"] for n in "abc"] == [n == src for n in "abc"]
 
 
@@ -138,18 +132,13 @@ def test_as_released_steps_only_the_sampled_model(small_store, tmp_path):
 def test_options_train(small_store, tmp_path, options):
     result = fit(cfg_for(small_store, tmp_path / "run", steps=60, log_every=20, **options))
     assert np.isfinite(result.last_metrics["train/loss"])
-    losses = [
-        json.loads(x)["train/loss"]
-        for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()
-    ]
+    losses = [json.loads(x)["train/loss"] for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert losses[-1] < losses[0]
 
 
 def test_auxk_revives_dead_latents(small_store, tmp_path):
     """With a tiny dead threshold many latents count as dead; AuxK must run and stay finite."""
-    result = fit(
-        cfg_for(small_store, tmp_path / "run", steps=100, dead_after_tokens=256, log_every=25)
-    )
+    result = fit(cfg_for(small_store, tmp_path / "run", steps=100, dead_after_tokens=256, log_every=25))
     assert result.last_metrics["train/aux"] > 0
 
 
@@ -164,11 +153,7 @@ def test_recovers_planted_universal_concepts(tmp_path):
         seed=11,
     )
     store = write_store(tmp_path / "store", world.data, dtype="float32")
-    result = fit(
-        cfg_for(
-            store, tmp_path / "run", n_latents=256, k=6, steps=1500, batch_size=512, log_every=500
-        )
-    )
+    result = fit(cfg_for(store, tmp_path / "run", n_latents=256, k=6, steps=1500, batch_size=512, log_every=500))
     rec = recovery({n: result.sae.dictionary(n).numpy() for n in world.model_names}, world)
     assert rec["universal"] >= 0.9, rec
     assert rec["partial"] >= 0.5 and rec["specific"] >= 0.5, rec

@@ -32,11 +32,7 @@ def synth(cfg: SynthConfig) -> Path:
         noise=cfg.noise,
         seed=cfg.seed,
     )
-    extra = {
-        "synthetic": {
-            k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "overwrite")
-        }
-    }
+    extra = {"synthetic": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "overwrite")}}
     path = write_store(cfg.out, world.data, dtype="float32", overwrite=cfg.overwrite, extra=extra)
     save_truth(truth_path(cfg.out), world)
     log.info("wrote store %s (%d rows) and ground truth %s", path, cfg.n_rows, truth_path(cfg.out))
@@ -72,18 +68,13 @@ def format_summary(report: dict) -> str:
     for src, row in zip(names, report["r2_matrix"], strict=True):
         lines.append(src.ljust(width) + "".join(f"{v:{width}.3f}" for v in row))
     lines.append("")
-    lines.append(
-        "model".ljust(width) + "FVU".rjust(width) + "L0".rjust(width) + "dead%".rjust(width)
-    )
+    lines.append("model".ljust(width) + "FVU".rjust(width) + "L0".rjust(width) + "dead%".rjust(width))
     for n in names:
         fvu, l0, dead = report["fvu"][n], report["l0"][n], 100 * report["dead_fraction"][n]
         lines.append(n.ljust(width) + f"{fvu:{width}.3f}{l0:{width}.1f}{dead:{width}.1f}")
     counts = report["classes"]["counts"]
     lines.append("")
-    lines.append(
-        "concepts: "
-        + ", ".join(f"{c} {counts[c]}" for c in ("universal", "partial", "specific", "dead"))
-    )
+    lines.append("concepts: " + ", ".join(f"{c} {counts[c]}" for c in ("universal", "partial", "specific", "dead")))
     return "\n".join(lines)
 
 
@@ -112,9 +103,7 @@ def demo(cfg: DemoConfig) -> dict:
     fit(train_cfg)
     report = run_evaluate(run_dir, store_dir)
     sae = load(run_dir)
-    rec = recovery(
-        {n: sae.dictionary(n).numpy() for n in sae.model_names}, load_truth(truth_path(store_dir))
-    )
+    rec = recovery({n: sae.dictionary(n).numpy() for n in sae.model_names}, load_truth(truth_path(store_dir)))
     summary = {
         "recovery": rec,
         "r2_cross_mean": report["r2_cross_mean"],
@@ -125,9 +114,7 @@ def demo(cfg: DemoConfig) -> dict:
     print("\nplanted concepts recovered (cosine > 0.9 in every owning model):")
     for kind, frac in rec.items():
         print(f"  {kind:10s} {100 * frac:5.1f}%")
-    print(
-        f"\nrun: {run_dir}  report: {run_dir / 'report.json'}  summary: {cfg.out / 'summary.json'}"
-    )
+    print(f"\nrun: {run_dir}  report: {run_dir / 'report.json'}  summary: {cfg.out / 'summary.json'}")
     return summary
 
 

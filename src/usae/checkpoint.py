@@ -54,9 +54,7 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def save_tensors_atomic(
-    path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None
-) -> None:
+def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
     """safetensors file written to ``path.tmp``, fsynced, then renamed over ``path``."""
     tmp = path.with_name(path.name + ".tmp")
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
@@ -121,9 +119,7 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
         raise UsaeError(f"{path}: not a usae run config (missing format: usae-run)")
     version = cfg.get("schema_version")
     if version != SCHEMA_VERSION:
-        raise UsaeError(
-            f"{path}: unsupported schema_version {version!r} (this usae reads {SCHEMA_VERSION})"
-        )
+        raise UsaeError(f"{path}: unsupported schema_version {version!r} (this usae reads {SCHEMA_VERSION})")
     if "sae" not in cfg:
         raise UsaeError(f"{path}: missing field 'sae'")
     return cfg
@@ -140,14 +136,10 @@ def load_state_into(sae: torch.nn.Module, path: Path) -> None:
     missing = sorted(set(own) - set(tensors))
     extra = sorted(set(tensors) - set(own))
     if missing or extra:
-        raise UsaeError(
-            f"{path}: tensors do not match the config (missing {missing[:3]}, unexpected {extra[:3]})"
-        )
+        raise UsaeError(f"{path}: tensors do not match the config (missing {missing[:3]}, unexpected {extra[:3]})")
     for key, t in tensors.items():
         if t.shape != own[key].shape:
-            raise UsaeError(
-                f"{path}: tensor {key!r} has shape {tuple(t.shape)}, config says {tuple(own[key].shape)}"
-            )
+            raise UsaeError(f"{path}: tensor {key!r} has shape {tuple(t.shape)}, config says {tuple(own[key].shape)}")
         if not torch.isfinite(t).all():
             raise UsaeError(f"{path}: tensor {key!r} holds NaN or inf")
     sae.load_state_dict({k: v.to(own[k].dtype) for k, v in tensors.items()})
@@ -235,9 +227,7 @@ def load_checkpoint(
     state = read_json(ckpt.path / "state.json", "checkpoint state")
     load_state_into(sae, ckpt.path / MODEL_NAME)
     opt_path = ckpt.path / "optimizer.safetensors"
-    optimizer.load_state_dict(
-        _unflatten_optimizer(load_tensors(opt_path), _safetensors_metadata(opt_path), opt_path)
-    )
+    optimizer.load_state_dict(_unflatten_optimizer(load_tensors(opt_path), _safetensors_metadata(opt_path), opt_path))
     return load_tensors(ckpt.path / "trainer.safetensors"), state
 
 
@@ -253,9 +243,7 @@ def _flatten_optimizer(
     return tensors, {"param_groups": json.dumps(sd["param_groups"])}
 
 
-def _unflatten_optimizer(
-    tensors: dict[str, torch.Tensor], meta: dict[str, str], where: Path
-) -> dict[str, Any]:
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, str], where: Path) -> dict[str, Any]:
     try:
         groups = json.loads(meta["param_groups"])
     except (KeyError, json.JSONDecodeError):

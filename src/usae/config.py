@@ -51,15 +51,11 @@ class SAEConfig:
             raise UsaeError("sae config: 'widths' names no model")
         for name, d in self.widths.items():
             if not isinstance(d, int) or d < 1:
-                raise UsaeError(
-                    f"sae config: width of model {name!r} must be a positive int, got {d!r}"
-                )
+                raise UsaeError(f"sae config: width of model {name!r} must be a positive int, got {d!r}")
         if self.n_latents < 1:
             raise UsaeError(f"sae config: n_latents must be >= 1, got {self.n_latents}")
         if not 1 <= self.k <= self.n_latents:
-            raise UsaeError(
-                f"sae config: k must be in [1, n_latents={self.n_latents}], got {self.k}"
-            )
+            raise UsaeError(f"sae config: k must be in [1, n_latents={self.n_latents}], got {self.k}")
 
 
 @dataclass(frozen=True)
@@ -152,9 +148,7 @@ class TrainConfig:
             if not ok:
                 raise UsaeError(f"train config: invalid {name}={getattr(self, name)!r}")
         if not 1 <= self.k <= self.n_latents:
-            raise UsaeError(
-                f"train config: k must be in [1, n_latents={self.n_latents}], got {self.k}"
-            )
+            raise UsaeError(f"train config: k must be in [1, n_latents={self.n_latents}], got {self.k}")
 
     def resolved_warmup(self) -> int:
         return self.warmup_steps if self.warmup_steps is not None else min(1000, self.steps // 20)
@@ -289,9 +283,7 @@ def _coerce(tp: Any, v: Any, where: str) -> Any:
         inner = args[0] if len(args) == 2 and args[1] is Ellipsis else None
         if inner is None and len(args) != len(v):
             raise UsaeError(f"{where}: expected {len(args)} items, got {len(v)}")
-        return tuple(
-            _coerce(inner or a, x, where) for a, x in zip(args or [None] * len(v), v, strict=False)
-        )
+        return tuple(_coerce(inner or a, x, where) for a, x in zip(args or [None] * len(v), v, strict=False))
     if origin is dict:
         if not isinstance(v, dict):
             raise UsaeError(f"{where}: expected an object, got {v!r}")

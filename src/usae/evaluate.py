@@ -48,9 +48,7 @@ def _dense(code: SparseCode | torch.Tensor, n_latents: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _accumulate(
-    sae: UniversalSAE, x: dict[str, torch.Tensor], means: dict, tau: float, acc: _Sums
-) -> None:
+def _accumulate(sae: UniversalSAE, x: dict[str, torch.Tensor], means: dict, tau: float, acc: _Sums) -> None:
     names = sae.model_names
     all_fire_bs = None
     for i, src in enumerate(names):
@@ -92,9 +90,7 @@ def evaluate_sae(
     device = next(sae.parameters()).device
     sae.eval()
     stop = store.n_rows if max_rows is None else min(max_rows, store.n_rows)
-    means = {
-        n: torch.as_tensor(store.stats(n).mean, dtype=torch.float64, device=device) for n in names
-    }
+    means = {n: torch.as_tensor(store.stats(n).mean, dtype=torch.float64, device=device) for n in names}
     acc = _Sums(names, sae.n_latents, device)
     bar = tqdm(total=stop, unit="row", desc="evaluate", disable=not progress)
     for _, batch in store.iter_batches(batch_size, names=names, start=0, stop=stop):
@@ -107,15 +103,11 @@ def evaluate_sae(
 
 def _report(sae: UniversalSAE, store: Store, acc: _Sums, tau: float) -> dict[str, Any]:
     names, n = sae.model_names, acc.n_rows
-    sst_m = torch.stack(
-        [acc.sum_yy[j] - acc.sum_y[d].square().sum() / n for j, d in enumerate(names)]
-    )
+    sst_m = torch.stack([acc.sum_yy[j] - acc.sum_y[d].square().sum() / n for j, d in enumerate(names)])
     r2_mm = metrics.r2_from_sums(acc.sse_mm, sst_m[None, :])
     fe_s = metrics.firing_entropy(acc.fires_ms)
     cfp_ms = metrics.cofire_proportion(acc.cofires_s, acc.fires_ms)
-    dict_norm_ms = torch.stack([sae.dictionary(nm).norm(dim=1).double() for nm in names]).to(
-        acc.sum_z_ms
-    )
+    dict_norm_ms = torch.stack([sae.dictionary(nm).norm(dim=1).double() for nm in names]).to(acc.sum_z_ms)
     energy_ms = metrics.energy(acc.sum_z_ms / n, dict_norm_ms)
     labels = metrics.classify_latents(acc.fires_ms, n)
     classes = {c: labels.count(c) for c in ("universal", "partial", "specific", "dead")}
@@ -133,9 +125,7 @@ def _report(sae: UniversalSAE, store: Store, acc: _Sums, tau: float) -> dict[str
         "r2_cross_mean": sum(off_diag) / len(off_diag) if off_diag else None,
         "fvu": {nm: float(1 - r2_mm[i, i]) for i, nm in enumerate(names)},
         "l0": {nm: float(acc.active_ms[i].sum() / n) for i, nm in enumerate(names)},
-        "dead_fraction": {
-            nm: float(metrics.dead_fraction(acc.active_ms[i])) for i, nm in enumerate(names)
-        },
+        "dead_fraction": {nm: float(metrics.dead_fraction(acc.active_ms[i])) for i, nm in enumerate(names)},
         "dead_fraction_all": float(metrics.dead_fraction(acc.active_ms.sum(0))),
         "firing_entropy": _nan_to_none(fe_s.tolist()),
         "firing_entropy_mean": _nan_to_none(float(fe_s.nanmean())),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -18,18 +17,6 @@ def reconstruction_loss(x_hat_bd: Tensor, x_bd: Tensor, kind: Literal["l2", "l1"
     if kind == "l2":
         return F.mse_loss(x_hat_bd, x_bd)
     return F.l1_loss(x_hat_bd, x_bd)
-
-
-def auxk_code(z_pre_bs: Tensor, dead_s: Tensor, k_aux: int) -> tuple[Tensor, Tensor]:
-    """Top ``k_aux`` ReLU pre-activations among dead latents (Gao et al. 2024, appendix A.2).
-
-    Returns (idx_bk, val_bk); live latents are excluded by masking them to -inf first.
-    """
-    k_aux = min(k_aux, z_pre_bs.shape[1])
-    masked_bs = z_pre_bs.masked_fill(~dead_s, float("-inf"))
-    top = torch.topk(masked_bs, k_aux, dim=1, sorted=False)
-    # -inf (live latents, when fewer than k_aux are dead) becomes 0 and contributes nothing
-    return top.indices, F.relu(top.values).nan_to_num(0.0, posinf=0.0, neginf=0.0)
 
 
 def auxk_loss(aux_hat_bd: Tensor, residual_bd: Tensor) -> Tensor:

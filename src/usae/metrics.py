@@ -72,9 +72,7 @@ def energy(mean_z_ms: Tensor, dict_norm_ms: Tensor) -> Tensor:
     return (mean_z_ms.double() * dict_norm_ms.double()).square()
 
 
-def classify_latents(
-    fires_ms: Tensor, n_rows: int, min_rate: float = 1e-4, universal_fe: float = 0.0
-) -> list[str]:
+def classify_latents(fires_ms: Tensor, n_rows: int, min_rate: float = 1e-4, universal_fe: float = 0.0) -> list[str]:
     """Label each latent 'universal' | 'partial' | 'specific' | 'dead' by which models use it.
 
     Model i *uses* latent k when it fires on at least ``min_rate`` of the rows (and at least once).

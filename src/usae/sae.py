@@ -38,6 +38,83 @@ class SparseCode(NamedTuple):
 Code = SparseCode | Tensor  # a SparseCode, or a dense (b, s) code (BatchTopK, user-given z)
 
 
+def _transpose_code(idx_bk: Tensor, val_bk: Tensor, n_latents: int) -> Tensor:
+    """The (n_latents, b) sparse COO transpose of a TopK code (for sparse-dense products)."""
+    b, k = idx_bk.shape
+    rows = torch.arange(b, device=idx_bk.device).repeat_interleave(k)
+    return torch.sparse_coo_tensor(
+        torch.stack([idx_bk.reshape(-1), rows]), val_bk.reshape(-1), (n_latents, b), check_invariants=False
+    )
+
+
+def _gather_dot(idx_bk: Tensor, W_sd: Tensor, y_bd: Tensor) -> Tensor:
+    """(b, k) with entry [r, j] = W_sd[idx_bk[r, j]] . y_bd[r].
+
+    This is embedding_bag's per-sample-weight gradient, which torch computes without
+    materialising the (b, k, d) gather; W is detached so its (slow, sort-based) dense
+    gradient is never formed.
+    """
+    with torch.enable_grad():
+        weights_bk = torch.ones(idx_bk.shape, dtype=y_bd.dtype, device=y_bd.device, requires_grad=True)
+        out_bd = F.embedding_bag(idx_bk, W_sd.detach(), per_sample_weights=weights_bk, mode="sum")
+        return torch.autograd.grad(out_bd, weights_bk, y_bd)[0]
+
+
+class _SparseDecode(torch.autograd.Function):
+    """x_hat = sum_j val[b, j] * W[idx[b, j]]: k rows gathered per row, sparse gradients.
+
+    Same numbers as ``dense_code @ W``; backward costs O(b k d) instead of O(b s d).
+    """
+
+    @staticmethod
+    def forward(ctx, idx_bk: Tensor, val_bk: Tensor, W_sd: Tensor) -> Tensor:
+        ctx.save_for_backward(idx_bk, val_bk, W_sd)
+        return F.embedding_bag(idx_bk, W_sd, per_sample_weights=val_bk, mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad_bd: Tensor):
+        idx_bk, val_bk, W_sd = ctx.saved_tensors
+        grad_val = _gather_dot(idx_bk, W_sd, grad_bd) if ctx.needs_input_grad[1] else None
+        grad_W = None
+        if ctx.needs_input_grad[2]:
+            grad_W = torch.sparse.mm(_transpose_code(idx_bk, val_bk, W_sd.shape[0]), grad_bd)
+        return None, grad_val, grad_W
+
+
+class _SelectLinear(torch.autograd.Function):
+    """z_pre[r, idx[r, j]] for z_pre = x W + b given without grad; gradients touch only those entries.
+
+    TopK passes gradient to k of n_latents pre-activations per row, so the encoder's weight
+    gradient is a sparse-dense product, O(b k d) instead of the dense O(b s d).
+    """
+
+    @staticmethod
+    def forward(ctx, x_bd: Tensor, W_ds: Tensor, b_s: Tensor, z_pre_bs: Tensor, idx_bk: Tensor) -> Tensor:
+        ctx.save_for_backward(x_bd, W_ds, idx_bk)
+        return z_pre_bs.gather(1, idx_bk)
+
+    @staticmethod
+    def backward(ctx, grad_bk: Tensor):
+        x_bd, W_ds, idx_bk = ctx.saved_tensors
+        n_latents = W_ds.shape[1]
+        grad_x = grad_W = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.embedding_bag(idx_bk, W_ds.t().contiguous(), per_sample_weights=grad_bk, mode="sum")
+        if ctx.needs_input_grad[1]:
+            grad_W = torch.sparse.mm(_transpose_code(idx_bk, grad_bk, n_latents), x_bd).t().contiguous()
+        if ctx.needs_input_grad[2]:
+            grad_b = grad_bk.new_zeros(n_latents).index_add_(0, idx_bk.reshape(-1), grad_bk.reshape(-1))
+        return grad_x, grad_W, grad_b, None, None
+
+
+def _auxk_select(z_pre_bs: Tensor, dead_s: Tensor, k_aux: int) -> SparseCode:
+    """Top ``k_aux`` ReLU pre-activations among dead latents (Gao et al. 2024, appendix A.2)."""
+    masked_bs = z_pre_bs.masked_fill(~dead_s, float("-inf"))
+    top = torch.topk(masked_bs, min(k_aux, z_pre_bs.shape[1]), dim=1, sorted=False)
+    # -inf (live latents, when fewer than k_aux are dead) becomes 0 and contributes nothing
+    return SparseCode(top.indices, F.relu(top.values).nan_to_num(0.0, posinf=0.0, neginf=0.0))
+
+
 class Head(nn.Module):
     """One model's normalisation, encoder and decoder."""
 
@@ -61,9 +138,7 @@ class UniversalSAE(nn.Module):
     def __init__(self, cfg: SAEConfig, generator: torch.Generator | None = None) -> None:
         super().__init__()
         self.cfg = cfg
-        self.heads = nn.ModuleDict(
-            {name: Head(d, cfg.n_latents, cfg.encoder) for name, d in cfg.widths.items()}
-        )
+        self.heads = nn.ModuleDict({name: Head(d, cfg.n_latents, cfg.encoder) for name, d in cfg.widths.items()})
         self.reset_parameters(generator)
 
     # -- structure --------------------------------------------------------------------------
@@ -94,9 +169,7 @@ class UniversalSAE(nn.Module):
             self._set_dictionary_(h, W_dec.to(h.W_dec.device))
 
     @torch.no_grad()
-    def init_from_data_(
-        self, x_n: dict[str, Tensor], generator: torch.Generator | None = None
-    ) -> None:
+    def init_from_data_(self, x_n: dict[str, Tensor], generator: torch.Generator | None = None) -> None:
         """Start every model's dictionary from the *same* data rows (index-aligned across models).
 
         ``x_n[name]`` is (b, d) in normalised units. b_dec starts at the batch mean, so the rows
@@ -111,9 +184,7 @@ class UniversalSAE(nn.Module):
             # a constant data row would give a zero direction; fall back to random ones
             dead = W_dec.norm(dim=1) < 1e-6
             if dead.any():
-                W_dec[dead] = torch.randn(int(dead.sum()), W_dec.shape[1], generator=generator).to(
-                    W_dec
-                )
+                W_dec[dead] = torch.randn(int(dead.sum()), W_dec.shape[1], generator=generator).to(W_dec)
             self._set_dictionary_(h, W_dec)
 
     @staticmethod
@@ -159,19 +230,44 @@ class UniversalSAE(nn.Module):
         z_bs = torch.zeros_like(z_bs).flatten().scatter(0, top.indices, top.values).view_as(z_bs)
         with torch.no_grad():
             kept_min = top.values.min().clamp_min(0)
-            h.threshold.copy_(
-                torch.where(h.threshold > 0, h.threshold.lerp(kept_min, 0.01), kept_min)
-            )
+            h.threshold.copy_(torch.where(h.threshold > 0, h.threshold.lerp(kept_min, 0.01), kept_min))
         return z_bs
+
+    def encode_normalized(
+        self, name: str, x_n_bd: Tensor, dead_s: Tensor | None = None, k_aux: int = 0
+    ) -> tuple[Code, SparseCode | None]:
+        """The trainer's encoder: (code, AuxK code over ``dead_s`` latents or None when k_aux = 0).
+
+        Linear TopK encoders take the sparse path: pre-activations are computed once without
+        autograd and only the selected entries carry gradients (``_SelectLinear``).
+        """
+        h = self.head(name)
+        if self.cfg.encoder != "linear" or self.cfg.activation != "topk":
+            z_pre_bs = self.pre_activation(name, x_n_bd)
+            aux = _auxk_select(z_pre_bs, dead_s, k_aux) if k_aux > 0 and dead_s is not None else None
+            return self.activate(name, z_pre_bs), aux
+        x_c_bd = x_n_bd - h.b_dec
+        with torch.no_grad():
+            z_pre_bs = torch.addmm(h.b_enc, x_c_bd, h.W_enc)
+            idx_bk = torch.topk(z_pre_bs, self.k, dim=1, sorted=False).indices
+            aux_idx_bk = None
+            if k_aux > 0 and dead_s is not None:
+                masked_bs = z_pre_bs.masked_fill(~dead_s, float("-inf"))
+                aux_idx_bk = torch.topk(masked_bs, min(k_aux, self.n_latents), dim=1, sorted=False).indices
+        all_idx = idx_bk if aux_idx_bk is None else torch.cat([idx_bk, aux_idx_bk], 1)
+        val_bj = F.relu(_SelectLinear.apply(x_c_bd, h.W_enc, h.b_enc, z_pre_bs, all_idx))
+        code = SparseCode(idx_bk, val_bj[:, : self.k])
+        if aux_idx_bk is None:
+            return code, None
+        # live latents fill the aux slots when fewer than k_aux are dead: they contribute nothing
+        return code, SparseCode(aux_idx_bk, val_bj[:, self.k :] * dead_s[aux_idx_bk])
 
     def decode_normalized(self, name: str, code: Code, bias: bool = True) -> Tensor:
         """Code -> (b, d) reconstruction of model ``name`` in normalised units (``bias``: add b_dec)."""
         h = self.head(name)
         if isinstance(code, SparseCode):
             # Gather k dictionary rows per row instead of a dense (b, s) @ (s, d) product.
-            x_hat = F.embedding_bag(
-                code.idx_bk, h.W_dec, per_sample_weights=code.val_bk, mode="sum"
-            )
+            x_hat = _SparseDecode.apply(code.idx_bk, code.val_bk, h.W_dec)
         else:
             x_hat = code @ h.W_dec
         return x_hat + h.b_dec if bias else x_hat
@@ -209,9 +305,7 @@ class UniversalSAE(nn.Module):
     def _check_input(self, name: str, x_bd: Tensor) -> None:
         d = self.head(name).W_dec.shape[1]
         if x_bd.ndim != 2 or x_bd.shape[1] != d:
-            raise UsaeError(
-                f"encode: model {name!r} expects (n, {d}) activations, got {tuple(x_bd.shape)}"
-            )
+            raise UsaeError(f"encode: model {name!r} expects (n, {d}) activations, got {tuple(x_bd.shape)}")
 
     # -- decoder upkeep (called by the trainer around optimizer.step) -----------------------
     @torch.no_grad()

@@ -53,13 +53,9 @@ def content_hash(dtype: str, n_rows: int, model_digests: Iterable[tuple[str, int
     ``model_digests`` holds (name, width, sha256 hex of the model's (n_rows, width) array as raw
     little-endian C-order bytes) in store order. Independent of ``rows_per_shard``.
     """
-    models = [
-        {"name": name, "sha256": digest, "width": width} for name, width, digest in model_digests
-    ]
+    models = [{"name": name, "sha256": digest, "width": width} for name, width, digest in model_digests]
     header = {"dtype": dtype, "models": models, "n_rows": n_rows}
-    return hashlib.sha256(
-        json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    ).hexdigest()
+    return hashlib.sha256(json.dumps(header, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 class ModelStats(NamedTuple):
@@ -122,44 +118,32 @@ def _check_model(name: Any, width: Any, where: str, seen_lower: set[str]) -> Non
             "(letters, digits, '_', '.', '-', starting with a letter or digit)"
         )
     if name.lower() in seen_lower:
-        raise UsaeError(
-            f"{where}: model name {name!r} is repeated (names are compared ignoring case)"
-        )
+        raise UsaeError(f"{where}: model name {name!r} is repeated (names are compared ignoring case)")
     seen_lower.add(name.lower())
     if not _is_int(width) or width < 1:
         raise UsaeError(f"{where}: width of model {name!r} must be a positive int, got {width!r}")
 
 
-def _check_layout(
-    image_ids: Any, tokens_per_image: Any, grid: Any, n_rows: int | None, where: str
-) -> None:
+def _check_layout(image_ids: Any, tokens_per_image: Any, grid: Any, n_rows: int | None, where: str) -> None:
     """Validate the optional image layout fields against each other and, if known, n_rows."""
     if image_ids is not None and (
         not isinstance(image_ids, list | tuple) or not all(isinstance(i, str) for i in image_ids)
     ):
         raise UsaeError(f"{where}: image_ids must be a list of str")
     if tokens_per_image is not None and (not _is_int(tokens_per_image) or tokens_per_image < 1):
-        raise UsaeError(
-            f"{where}: tokens_per_image must be a positive int, got {tokens_per_image!r}"
-        )
+        raise UsaeError(f"{where}: tokens_per_image must be a positive int, got {tokens_per_image!r}")
     if grid is not None:
-        if (
-            not isinstance(grid, list | tuple)
-            or len(grid) != 2
-            or not all(_is_int(g) and g >= 1 for g in grid)
-        ):
+        if not isinstance(grid, list | tuple) or len(grid) != 2 or not all(_is_int(g) and g >= 1 for g in grid):
             raise UsaeError(f"{where}: grid must be [h, w] positive ints, got {grid!r}")
         if tokens_per_image is None or grid[0] * grid[1] != tokens_per_image:
             raise UsaeError(
-                f"{where}: grid {list(grid)} has {grid[0] * grid[1]} tokens "
-                f"but tokens_per_image is {tokens_per_image}"
+                f"{where}: grid {list(grid)} has {grid[0] * grid[1]} tokens but tokens_per_image is {tokens_per_image}"
             )
     if n_rows is None or tokens_per_image is None:
         return
     if image_ids is not None and n_rows != len(image_ids) * tokens_per_image:
         raise UsaeError(
-            f"{where}: n_rows {n_rows} != len(image_ids) {len(image_ids)} "
-            f"* tokens_per_image {tokens_per_image}"
+            f"{where}: n_rows {n_rows} != len(image_ids) {len(image_ids)} * tokens_per_image {tokens_per_image}"
         )
     if n_rows % tokens_per_image:
         raise UsaeError(f"{where}: n_rows {n_rows} is not a multiple of tokens_per_image")
@@ -208,9 +192,7 @@ def _check_writer_args(widths: Any, dtype: Any, rows_per_shard: Any, extra: Any)
     if dtype not in DTYPES:
         raise UsaeError(f"StoreWriter: dtype must be one of {DTYPES}, got {dtype!r}")
     if not _is_int(rows_per_shard) or rows_per_shard < 1:
-        raise UsaeError(
-            f"StoreWriter: rows_per_shard must be a positive int, got {rows_per_shard!r}"
-        )
+        raise UsaeError(f"StoreWriter: rows_per_shard must be a positive int, got {rows_per_shard!r}")
     try:
         json.dumps(extra if extra is not None else {})
     except (TypeError, ValueError) as e:
@@ -255,19 +237,14 @@ class StoreWriter:
         self._extra = dict(extra) if extra is not None else {}
         self._overwrite = overwrite
         self._n_rows = self._n_buffered = self._n_shards = 0
-        self._buf = {
-            n: np.empty((self._rows_per_shard, d), self._disk_dtype)
-            for n, d in self._widths.items()
-        }
+        self._buf = {n: np.empty((self._rows_per_shard, d), self._disk_dtype) for n, d in self._widths.items()}
         self._stats = {n: _RunningStats(d) for n, d in self._widths.items()}
         self._model_sha = {n: hashlib.sha256() for n in self._widths}
         self._shard_sha: dict[str, list[str]] = {n: [] for n in self._widths}
         self._closed = False
 
         if self.partial_dir.exists():
-            logger.warning(
-                "removing stale partial store %s from an interrupted writer", self.partial_dir
-            )
+            logger.warning("removing stale partial store %s from an interrupted writer", self.partial_dir)
             shutil.rmtree(self.partial_dir)
         for name in self._widths:
             (self.partial_dir / name).mkdir(parents=True)
@@ -311,9 +288,7 @@ class StoreWriter:
         while pos < n_b:
             n_take = min(self._rows_per_shard - self._n_buffered, n_b - pos)
             for name, x_bd in x_by_model.items():
-                self._buf[name][self._n_buffered : self._n_buffered + n_take] = x_bd[
-                    pos : pos + n_take
-                ]
+                self._buf[name][self._n_buffered : self._n_buffered + n_take] = x_bd[pos : pos + n_take]
             self._n_buffered += n_take
             pos += n_take
             if self._n_buffered == self._rows_per_shard:
@@ -323,17 +298,13 @@ class StoreWriter:
     def _validate(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
         if not isinstance(batch, Mapping) or set(batch) != set(self._widths):
             got = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
-            raise UsaeError(
-                f"append: batch has models {got}, expected exactly {list(self._widths)}"
-            )
+            raise UsaeError(f"append: batch has models {got}, expected exactly {list(self._widths)}")
         x_by_model: dict[str, np.ndarray] = {}
         first = None
         for name, d in self._widths.items():
             x = _as_numpy(batch[name], name)
             if x.ndim != 2 or x.shape[1] != d:
-                raise UsaeError(
-                    f"append: model {name!r} expected shape (n, {d}), got {tuple(x.shape)}"
-                )
+                raise UsaeError(f"append: model {name!r} expected shape (n, {d}), got {tuple(x.shape)}")
             if first is None:
                 first = name
             elif x.shape[0] != x_by_model[first].shape[0]:
@@ -376,9 +347,7 @@ class StoreWriter:
         self._closed = True
         if self._n_rows == 0:
             shutil.rmtree(self.partial_dir, ignore_errors=True)
-            raise UsaeError(
-                f"StoreWriter: no rows were appended to {self.store_dir}; nothing written"
-            )
+            raise UsaeError(f"StoreWriter: no rows were appended to {self.store_dir}; nothing written")
         tokens, ids = self._tokens_per_image, self._image_ids
         _check_layout(ids, tokens, self._grid, self._n_rows, f"StoreWriter for {self.store_dir}")
         if self._n_buffered:
@@ -392,9 +361,7 @@ class StoreWriter:
             _fsync_dir(self.partial_dir / name)
         _fsync_dir(self.partial_dir)
         self._publish()
-        logger.info(
-            "wrote store %s: %d rows x %d models", self.store_dir, self._n_rows, len(self._widths)
-        )
+        logger.info("wrote store %s: %d rows x %d models", self.store_dir, self._n_rows, len(self._widths))
         return self.store_dir
 
     def _metadata(self) -> dict[str, Any]:
@@ -424,9 +391,7 @@ class StoreWriter:
         target, old = self.store_dir, None
         if target.exists() or target.is_symlink():
             if not self._overwrite:
-                raise UsaeError(
-                    f"store {target} appeared while writing; new store left in {self.partial_dir}"
-                )
+                raise UsaeError(f"store {target} appeared while writing; new store left in {self.partial_dir}")
             # A fresh name, so no unrelated directory is ever deleted in its place.
             old = target.with_name(f"{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
             os.rename(target, old)
@@ -463,14 +428,10 @@ def write_store(store_dir: str | Path, arrays: Mapping[str, Any], **kwargs: Any)
     x_by_model = {name: _as_numpy(x, name) for name, x in arrays.items()}
     for name, x in x_by_model.items():
         if x.ndim != 2:
-            raise UsaeError(
-                f"write_store: model {name!r} must be 2-D (n, d), got shape {tuple(x.shape)}"
-            )
+            raise UsaeError(f"write_store: model {name!r} must be 2-D (n, d), got shape {tuple(x.shape)}")
     n_by_model = {name: x.shape[0] for name, x in x_by_model.items()}
     if len(set(n_by_model.values())) > 1:
-        raise UsaeError(
-            f"write_store: models have different row counts {n_by_model}; rows must be paired"
-        )
+        raise UsaeError(f"write_store: models have different row counts {n_by_model}; rows must be paired")
     widths = {name: x.shape[1] for name, x in x_by_model.items()}
     with StoreWriter(store_dir, widths, **kwargs) as writer:
         n_rows = next(iter(n_by_model.values()), 0)
@@ -500,9 +461,7 @@ def _load_metadata(store_dir: Path) -> dict[str, Any]:
         )
     meta_path = store_dir / METADATA_NAME
     if not meta_path.is_file():
-        raise UsaeError(
-            f"store {store_dir} is not finalised (no {METADATA_NAME}); was its writer interrupted?"
-        )
+        raise UsaeError(f"store {store_dir} is not finalised (no {METADATA_NAME}); was its writer interrupted?")
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -510,14 +469,10 @@ def _load_metadata(store_dir: Path) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise UsaeError(f"{meta_path}: expected a JSON object")
     if meta.get("format") != FORMAT:
-        raise UsaeError(
-            f"{meta_path}: field 'format' is {meta.get('format')!r}, expected {FORMAT!r}"
-        )
+        raise UsaeError(f"{meta_path}: field 'format' is {meta.get('format')!r}, expected {FORMAT!r}")
     version = _get(meta, "schema_version", int, meta_path)
     if version != SCHEMA_VERSION:
-        raise UsaeError(
-            f"{meta_path}: unknown schema_version {version} (this usae reads {SCHEMA_VERSION})"
-        )
+        raise UsaeError(f"{meta_path}: unknown schema_version {version} (this usae reads {SCHEMA_VERSION})")
     _check_fields(meta, meta_path)
     return meta
 
@@ -538,9 +493,7 @@ def _check_fields(meta: dict[str, Any], where: Path) -> None:
     if _get(meta, "dtype", str, where) not in DTYPES:
         raise UsaeError(f"{where}: field 'dtype' is {meta['dtype']!r}, expected one of {DTYPES}")
     if _get(meta, "n_shards", int, where) != math.ceil(n_rows / rows_per_shard):
-        raise UsaeError(
-            f"{where}: field 'n_shards' {meta['n_shards']} does not fit n_rows and rows_per_shard"
-        )
+        raise UsaeError(f"{where}: field 'n_shards' {meta['n_shards']} does not fit n_rows and rows_per_shard")
     tokens, grid = meta.get("tokens_per_image"), meta.get("grid")
     _check_layout(meta.get("image_ids"), tokens, grid, n_rows, str(where))
     if not _HEX64_RE.fullmatch(_get(meta, "hash", str, where)):
@@ -550,15 +503,9 @@ def _check_fields(meta: dict[str, Any], where: Path) -> None:
     stats = _get(meta, "stats", dict, where)
     for model in models:
         s = stats.get(model["name"])
-        ok = isinstance(s, dict) and all(
-            isinstance(s.get(k), int | float) for k in ("std", "scalar_mean")
-        )
-        if not ok or not all(
-            isinstance(s.get(k), list) and len(s[k]) == model["width"] for k in ("mean", "var")
-        ):
-            raise UsaeError(
-                f"{where}: field 'stats' entry for model {model['name']!r} is missing or malformed"
-            )
+        ok = isinstance(s, dict) and all(isinstance(s.get(k), int | float) for k in ("std", "scalar_mean"))
+        if not ok or not all(isinstance(s.get(k), list) and len(s[k]) == model["width"] for k in ("mean", "var")):
+            raise UsaeError(f"{where}: field 'stats' entry for model {model['name']!r} is missing or malformed")
 
 
 def _check_shard(path: Path, n_rows: int, d: int, dtype: np.dtype) -> None:
@@ -628,28 +575,20 @@ class Store:
             for i in range(self.n_shards):
                 _check_shard(self._shard_path(name, i), self._shard_rows(i), d, disk_dtype)
             # A stray shard means n_rows and the files disagree about the data.
-            stray = sorted(
-                p.name for p in (self.path / name).glob("shard-*.npy") if p.name not in expected
-            )
+            stray = sorted(p.name for p in (self.path / name).glob("shard-*.npy") if p.name not in expected)
             if stray:
-                raise UsaeError(
-                    f"{self.path / name / stray[0]}: not listed by {METADATA_NAME} (n_rows {self.n_rows})"
-                )
+                raise UsaeError(f"{self.path / name / stray[0]}: not listed by {METADATA_NAME} (n_rows {self.n_rows})")
 
     def _shard(self, name: str, index: int) -> np.ndarray:
         """Memory map of one shard, opened on first use and cached."""
         key = (name, index)
         if key not in self._mmaps:
-            self._mmaps[key] = np.load(
-                self._shard_path(name, index), mmap_mode="r", allow_pickle=False
-            )
+            self._mmaps[key] = np.load(self._shard_path(name, index), mmap_mode="r", allow_pickle=False)
         return self._mmaps[key]
 
     def _width(self, name: str) -> int:
         if name not in self.widths:
-            raise UsaeError(
-                f"store {self.path}: unknown model {name!r}; known models: {', '.join(self.model_names)}"
-            )
+            raise UsaeError(f"store {self.path}: unknown model {name!r}; known models: {', '.join(self.model_names)}")
         return self.widths[name]
 
     def _check_range(self, start: int, stop: int) -> None:
@@ -736,14 +675,10 @@ class Store:
                     sha.update(chunk)
                 recorded = shard_sha.get(name, [])
                 if i < len(recorded) and recorded[i] != sha.hexdigest():
-                    raise UsaeError(
-                        f"{self._shard_path(name, i)}: contents changed since writing (sha256 mismatch)"
-                    )
+                    raise UsaeError(f"{self._shard_path(name, i)}: contents changed since writing (sha256 mismatch)")
             digests.append((name, d, model_sha.hexdigest()))
         if content_hash(self.metadata["dtype"], self.n_rows, digests) != self.hash:
-            raise UsaeError(
-                f"{self.path / METADATA_NAME}: field 'hash' does not match the shard contents"
-            )
+            raise UsaeError(f"{self.path / METADATA_NAME}: field 'hash' does not match the shard contents")
 
     def __len__(self) -> int:
         return self.n_rows

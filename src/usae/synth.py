@@ -125,9 +125,7 @@ def _check_world_args(
     if not _is_real(noise) or not (math.isfinite(noise) and noise >= 0):
         raise UsaeError(f"noise: expected a finite number >= 0, got {noise!r}")
     if isinstance(nonlinear, str) or any(name not in widths for name in nonlinear):
-        raise UsaeError(
-            f"nonlinear: expected a tuple of names from {list(widths)}, got {nonlinear!r}"
-        )
+        raise UsaeError(f"nonlinear: expected a tuple of names from {list(widths)}, got {nonlinear!r}")
     for name, scale in (scales or {}).items():
         if name not in widths:
             raise UsaeError(f"scales: unknown model {name!r}; models are {list(widths)}")
@@ -253,14 +251,9 @@ def make_world(
     )
     owners_cm, kinds = _draw_owners(n_universal, n_partial, n_specific, len(names), structure_rng)
     probs = _firing_probs(len(kinds), k_active, structure_rng)
-    dictionaries = {
-        name: _draw_dictionary(owners_cm[:, i], widths[name], dict_rng)
-        for i, name in enumerate(names)
-    }
+    dictionaries = {name: _draw_dictionary(owners_cm[:, i], widths[name], dict_rng) for i, name in enumerate(names)}
     drawn_scales = param_rng.uniform(*SCALE_RANGE, size=len(names))
-    world_scales = {
-        n: float((scales or {}).get(n, s)) for n, s in zip(names, drawn_scales, strict=True)
-    }
+    world_scales = {n: float((scales or {}).get(n, s)) for n, s in zip(names, drawn_scales, strict=True)}
     offset_units = {name: param_rng.standard_normal(widths[name]) for name in names}
     codes_bc = _draw_codes(n_rows, probs, scene_rng)
     data, offsets = {}, {}
@@ -268,9 +261,7 @@ def make_world(
         constants = (world_scales[name], offset_units[name], noise, name in nonlinear)
         data[name], offsets[name] = _observe(codes_bc, dictionaries[name], *constants, noise_rng)
     _log.debug("world seed=%d: %d concepts, %d rows, models %s", seed, len(kinds), n_rows, names)
-    return World(
-        data, dictionaries, owners_cm, kinds, codes_bc, names, world_scales, offsets, probs
-    )
+    return World(data, dictionaries, owners_cm, kinds, codes_bc, names, world_scales, offsets, probs)
 
 
 def _unit_rows(rows: np.ndarray) -> np.ndarray:
@@ -291,17 +282,13 @@ def _check_learned(dictionaries: dict[str, np.ndarray], world: World, threshold:
         shape = np.shape(dictionaries[name])
         width = world.dictionaries[name].shape[1]
         if len(shape) != 2 or shape[1] != width:
-            raise UsaeError(
-                f"dictionaries[{name!r}]: expected shape (n_latents, {width}), got {shape}"
-            )
+            raise UsaeError(f"dictionaries[{name!r}]: expected shape (n_latents, {width}), got {shape}")
         if n_latents is not None and shape[0] != n_latents:
             raise UsaeError(f"dictionaries[{name!r}]: has {shape[0]} latents, others {n_latents}")
         n_latents = shape[0]
 
 
-def recovered_mask(
-    dictionaries: dict[str, np.ndarray], world: World, threshold: float = 0.9
-) -> np.ndarray:
+def recovered_mask(dictionaries: dict[str, np.ndarray], world: World, threshold: float = 0.9) -> np.ndarray:
     """Which planted concepts a learned universal dictionary recovers.
 
     Args:
@@ -330,9 +317,7 @@ def recovered_mask(
     return (worst_sc > threshold).any(axis=0)
 
 
-def recovery(
-    dictionaries: dict[str, np.ndarray], world: World, threshold: float = 0.9
-) -> dict[str, float]:
+def recovery(dictionaries: dict[str, np.ndarray], world: World, threshold: float = 0.9) -> dict[str, float]:
     """Fraction of planted concepts recovered, per kind and overall.
 
     Same arguments and criterion as :func:`recovered_mask`. Returns
@@ -398,6 +383,4 @@ def load_truth(path) -> World:
             firing_probs=tensors["firing_probs"],
         )
     except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as e:
-        raise UsaeError(
-            f"{path}: unreadable synthetic-world truth file ({e.__class__.__name__}: {e})"
-        ) from None
+        raise UsaeError(f"{path}: unreadable synthetic-world truth file ({e.__class__.__name__}: {e})") from None

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -33,6 +32,7 @@ from usae.config import (
     SCHEMA_VERSION,
     SAEConfig,
     from_json_dict,
+    fsync_path,
     read_json,
     write_json_atomic,
 )
@@ -46,20 +46,12 @@ MODEL_NAME = "model.safetensors"
 KEEP_CHECKPOINTS = 2
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
     """safetensors file written to ``path.tmp``, fsynced, then renamed over ``path``."""
     tmp = path.with_name(path.name + ".tmp")
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     save_file(tensors, str(tmp), metadata=metadata)
-    _fsync_file(tmp)
+    fsync_path(tmp)
     tmp.replace(path)
 
 
@@ -202,7 +194,7 @@ def save_checkpoint(
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
-    _fsync_dir(root)
+    fsync_path(root)
     for old in sorted(c.path for c in _all_checkpoints(root))[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -210,14 +202,6 @@ def save_checkpoint(
 
 def _all_checkpoints(root: Path) -> list[Checkpoint]:
     return [Checkpoint(p, int(p.name[5:])) for p in root.glob("step-*") if p.name[5:].isdigit()]
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def load_checkpoint(

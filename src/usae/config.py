@@ -303,6 +303,23 @@ def _coerce(tp: Any, v: Any, where: str) -> Any:
     return v
 
 
+def fsync_path(path: Path) -> None:
+    """Make a file's contents or a directory's entries (new files, renames) durable.
+
+    A no-op where the platform or file system does not support it.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON to ``path`` via a temporary file, fsync and rename (never half-written)."""
     path = Path(path)

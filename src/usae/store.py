@@ -27,6 +27,7 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
+from usae.config import fsync_path
 from usae.errors import UsaeError
 
 logger = logging.getLogger(__name__)
@@ -160,20 +161,6 @@ def _as_numpy(x: Any, name: str) -> np.ndarray:
     if x.dtype.kind not in "fiu":
         raise UsaeError(f"model {name!r}: activations must be real numbers, got dtype {x.dtype}")
     return x
-
-
-def _fsync_dir(dir_path: Path) -> None:
-    """Make a directory's entries (new files, renames) durable; a no-op where unsupported."""
-    try:
-        fd = os.open(dir_path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _is_store_dir(path: Path) -> bool:
@@ -358,8 +345,8 @@ class StoreWriter:
             f.flush()
             os.fsync(f.fileno())
         for name in self._widths:
-            _fsync_dir(self.partial_dir / name)
-        _fsync_dir(self.partial_dir)
+            fsync_path(self.partial_dir / name)
+        fsync_path(self.partial_dir)
         self._publish()
         logger.info("wrote store %s: %d rows x %d models", self.store_dir, self._n_rows, len(self._widths))
         return self.store_dir
@@ -396,7 +383,7 @@ class StoreWriter:
             old = target.with_name(f"{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
             os.rename(target, old)
         os.rename(self.partial_dir, target)
-        _fsync_dir(target.parent)
+        fsync_path(target.parent)
         if old is None:
             return
         if old.is_symlink():  # replacing a link must not delete the store it pointed at

@@ -181,8 +181,11 @@ def train_step(
 
 def _update_since_fired(since_fired_s: Tensor, code: SparseCode | Tensor, n_rows: int) -> None:
     if isinstance(code, SparseCode):
-        fired_s = torch.zeros_like(since_fired_s, dtype=torch.bool)
-        fired_s[code.idx_bk[code.val_bk > 0]] = True
+        # index_add instead of boolean-mask indexing: no device-to-host sync on GPU
+        hits_s = torch.zeros_like(since_fired_s).index_add_(
+            0, code.idx_bk.reshape(-1), (code.val_bk > 0).reshape(-1).long()
+        )
+        fired_s = hits_s > 0
     else:
         fired_s = (code > 0).any(0)
     since_fired_s.add_(n_rows).masked_fill_(fired_s, 0)

@@ -8,10 +8,11 @@ import torch
 import usae.train as train_mod
 from usae.checkpoint import latest_checkpoint, load
 from usae.config import TrainConfig
+from usae.data import DataOrder
 from usae.errors import UsaeError
 from usae.store import write_store
 from usae.synth import make_world, recovery
-from usae.train import DataOrder, fit, lr_at, sources_at
+from usae.train import fit, lr_at, sources_at
 
 
 def cfg_for(store, out, **kw) -> TrainConfig:

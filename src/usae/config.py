@@ -116,6 +116,9 @@ class TrainConfig:
     """Dead latents used by AuxK per row. Default: min(n_latents // 2, 256)."""
     dead_after_tokens: int = 262_144
     """A latent is dead for a model after this many of its encoded tokens without firing."""
+    extend: Path | None = None
+    """Add models to a trained universe: RUN whose models stay frozen; only the store's other models'
+    encoders and decoders are fit (the store must hold the run's models, paired, plus the new ones)."""
     log_every: int = 50
     """Write metrics.jsonl every N steps (the only host syncs in the loop)."""
     save_every: int = 0

@@ -322,6 +322,8 @@ class UniversalSAE(nn.Module):
     def constrain_decoders_(self) -> None:
         """Project dictionary rows back to norm 1 ('unit') or into the unit ball ('max1')."""
         for h in self.heads.values():
+            if not h.W_dec.requires_grad:  # frozen (--extend): leave it bit-for-bit as loaded
+                continue
             norm_s1 = h.W_dec.norm(dim=1, keepdim=True)
             if self.cfg.decoder_norm == "unit":
                 h.W_dec.div_(norm_s1.clamp_min(1e-12))

@@ -573,6 +573,15 @@ class Store:
             self._mmaps[key] = np.load(self._shard_path(name, index), mmap_mode="r", allow_pickle=False)
         return self._mmaps[key]
 
+    def release_pages(self) -> None:
+        """Unmap every open shard; the next read maps it again.
+
+        Pages of a memory map that were read count towards the process's RSS until unmapped; a
+        trainer that streams a store larger than RAM calls this now and then so RSS stays flat.
+        Arrays returned by ``rows``/``take`` are copies and stay valid.
+        """
+        self._mmaps = {}
+
     def _width(self, name: str) -> int:
         if name not in self.widths:
             raise UsaeError(f"store {self.path}: unknown model {name!r}; known models: {', '.join(self.model_names)}")

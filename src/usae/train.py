@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -23,7 +22,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from usae import checkpoint as ckpt_io
+from usae import distributed
 from usae.config import SAEConfig, TrainConfig, from_json_dict, to_json_dict
+from usae.data import DataOrder, Loader
+from usae.distributed import World
 from usae.errors import UsaeError
 from usae.losses import auxk_loss, reconstruction_loss
 from usae.sae import SparseCode, UniversalSAE
@@ -64,57 +66,11 @@ def lr_at(step: int, peak: float, warmup: int, total: int, end_ratio: float = 0.
     return peak * (end_ratio + (1.0 - end_ratio) * cosine)
 
 
-# -- data order ---------------------------------------------------------------------------------
-class DataOrder:
-    """Rows of batch ``step``: consecutive slices of per-epoch permutations seeded by (seed, epoch)."""
-
-    def __init__(self, n_rows: int, batch_size: int, seed: int) -> None:
-        self.n_rows, self.batch_size, self.seed = n_rows, batch_size, seed
-        self._perms: dict[int, np.ndarray] = {}
-
-    def _perm(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perms:
-            if len(self._perms) > 2:
-                self._perms.pop(min(self._perms))
-            self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n_rows)
-        return self._perms[epoch]
-
-    def rows(self, step: int) -> np.ndarray:
-        pos = np.arange(step * self.batch_size, (step + 1) * self.batch_size, dtype=np.int64)
-        epoch, offset = np.divmod(pos, self.n_rows)
-        out = np.empty_like(pos)
-        for e in np.unique(epoch):
-            sel = epoch == e
-            out[sel] = self._perm(int(e))[offset[sel]]
-        return out
-
-
 def sources_at(step: int, seed: int, names: list[str], rule: str) -> list[str]:
     """Models encoded at ``step``: one drawn from (seed, step) for random-source rules, else all."""
     if rule == "all-sources":
         return list(names)
     return [names[int(np.random.default_rng([seed, step, 7]).integers(len(names)))]]
-
-
-class Loader:
-    """Fetches batch ``step`` of every model from the store, one step ahead in a thread."""
-
-    def __init__(self, store: Store, names: list[str], order: DataOrder, device: torch.device) -> None:
-        self.store, self.names, self.order, self.device = store, names, order, device
-        self._pool = ThreadPoolExecutor(max_workers=1)
-        self._next: tuple[int, Any] | None = None
-
-    def _read(self, step: int) -> dict[str, Tensor]:
-        rows = self.order.rows(step)
-        return {name: torch.from_numpy(self.store.take(name, rows)) for name in self.names}
-
-    def get(self, step: int) -> dict[str, Tensor]:
-        batch = self._next[1].result() if self._next is not None and self._next[0] == step else self._read(step)
-        self._next = (step + 1, self._pool.submit(self._read, step + 1))
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 # -- the step -----------------------------------------------------------------------------------
@@ -137,12 +93,14 @@ def train_step(
     cfg: TrainConfig,
     since_fired_ms: Tensor,
     k_aux: int,
+    world: World = distributed.SINGLE,
 ) -> StepStats:
     """One update: encode each source, decode into every model, sum the losses, step.
 
     ``x_n``: normalised (b, d_i) activations of every model on the same rows. ``since_fired_ms``
     (tokens since each latent last fired, per model) is updated in place for AuxK; ``k_aux`` dead
-    latents per row feed AuxK (0: off).
+    latents per row feed AuxK (0: off). With several ``world`` ranks, ``x_n`` is this rank's share
+    of the global batch and gradients and fire counts are averaged/summed across ranks.
     """
     names = sae.model_names
     optimizer.zero_grad(set_to_none=True)
@@ -153,7 +111,7 @@ def train_step(
         m = names.index(src)
         dead_s = since_fired_ms[m] > cfg.dead_after_tokens
         code, aux_code = sae.encode_normalized(src, x_n[src], dead_s, k_aux)
-        _update_since_fired(since_fired_ms[m], code, x_n[src].shape[0])
+        _update_since_fired(since_fired_ms[m], code, x_n[src].shape[0], world)
         for dst in names:
             x_hat_bd = sae.decode_normalized(dst, code)
             recon[dst] = recon[dst] + reconstruction_loss(x_hat_bd, x_n[dst], cfg.loss)
@@ -162,6 +120,7 @@ def train_step(
                 aux = aux + auxk_loss(aux_hat_bd, (x_n[dst] - x_hat_bd).detach())
     total = (sum(recon.values()) + cfg.auxk_coef * aux) / len(sources)
     total.backward()
+    distributed.all_reduce_mean_([p.grad for p in sae.parameters() if p.grad is not None], world)
     if cfg.rule == "as-released":
         # The official loop steps only the sampled model's optimiser: other heads' gradients are
         # dropped (grad None -> Adam skips the parameter and leaves its moments untouched).
@@ -179,16 +138,16 @@ def train_step(
     return StepStats(total.detach(), {d: r.detach() / n_src for d, r in recon.items()}, aux.detach() / n_src)
 
 
-def _update_since_fired(since_fired_s: Tensor, code: SparseCode | Tensor, n_rows: int) -> None:
+def _update_since_fired(since_fired_s: Tensor, code: SparseCode | Tensor, n_rows: int, world: World) -> None:
     if isinstance(code, SparseCode):
         # index_add instead of boolean-mask indexing: no device-to-host sync on GPU
         hits_s = torch.zeros_like(since_fired_s).index_add_(
             0, code.idx_bk.reshape(-1), (code.val_bk > 0).reshape(-1).long()
         )
-        fired_s = hits_s > 0
     else:
-        fired_s = (code > 0).any(0)
-    since_fired_s.add_(n_rows).masked_fill_(fired_s, 0)
+        hits_s = (code > 0).sum(0)
+    distributed.all_reduce_sum_(hits_s, world)
+    since_fired_s.add_(n_rows * world.size).masked_fill_(hits_s > 0, 0)
 
 
 # -- fit ----------------------------------------------------------------------------------------
@@ -289,59 +248,112 @@ def make_optimizer(sae: UniversalSAE, cfg: TrainConfig) -> torch.optim.Optimizer
     return torch.optim.Adam(sae.parameters(), lr=0.0, betas=cfg.betas, fused=True)
 
 
-def fit(cfg: TrainConfig) -> FitResult:
-    """Train a UniversalSAE on ``cfg.store`` and write the run to ``cfg.out`` (see checkpoint.py)."""
-    store = open_store(cfg.store)
+def _check_models(cfg: TrainConfig, store: Store) -> list[str]:
     names = list(cfg.models) if cfg.models else store.model_names
     for name in names:
         if name not in store.widths:
             raise UsaeError(f"--models: {name!r} is not in store {store.path} (models: {store.model_names})")
     if cfg.batch_size > store.n_rows:
-        log.warning(
-            "batch_size %d exceeds the store's %d rows; rows repeat within a batch",
-            cfg.batch_size,
-            store.n_rows,
-        )
-    _prepare_run_dir(cfg)
-    device = resolve_device(cfg.device)
+        log.warning("batch_size %d exceeds the store's %d rows; rows repeat in a batch", cfg.batch_size, store.n_rows)
+    return names
+
+
+def fit(cfg: TrainConfig) -> FitResult:
+    """Train a UniversalSAE on ``cfg.store`` and write the run to ``cfg.out`` (see checkpoint.py).
+
+    Under torchrun (WORLD_SIZE > 1) every rank runs this; rows of each global batch are split
+    across ranks, gradients averaged, and only rank 0 writes.
+    """
+    store = open_store(cfg.store)
+    names = _check_models(cfg, store)
+    world, device = distributed.init(resolve_device(cfg.device))
+    if cfg.batch_size % world.size:
+        raise UsaeError(f"--batch-size {cfg.batch_size} must be divisible by the world size {world.size}")
+    if world.is_main:
+        _prepare_run_dir(cfg)
+    distributed.barrier(world)
     sae = build_sae(cfg, store, names, device)
+    frozen = _load_frozen(cfg, sae) if cfg.extend is not None else []
     optimizer = make_optimizer(sae, cfg)
     order = DataOrder(store.n_rows, cfg.batch_size, cfg.seed)
-    since_fired_ms = torch.zeros(len(names), cfg.n_latents, dtype=torch.int64, device=device)
-    n_dead = torch.zeros((), dtype=torch.int64)
+    state = TrainerState(
+        torch.zeros(len(names), cfg.n_latents, dtype=torch.int64, device=device), torch.zeros((), dtype=torch.int64)
+    )
     train_dict = resolved_train_dict(cfg, names)
     run_cfg = ckpt_io.run_config(sae, train_dict, {"path": str(store.path), "hash": store.hash, "n_rows": store.n_rows})
-    start = 0
-    latest = ckpt_io.latest_checkpoint(cfg.out) if cfg.resume else None
     if cfg.resume:
-        saved_hash = ckpt_io.read_run_config(cfg.out).get("store", {}).get("hash")
-        if saved_hash is not None and saved_hash != store.hash:
-            raise UsaeError(
-                f"--resume: store {store.path} (hash {store.hash[:12]}) is not the store this run trained on ({saved_hash[:12]})"
-            )
+        _check_resume_store(cfg, store)
+    latest = ckpt_io.latest_checkpoint(cfg.out) if cfg.resume else None
+    start = 0
     if latest is not None:
         trainer, _ = ckpt_io.load_checkpoint(latest, sae, optimizer)
-        since_fired_ms.copy_(trainer["since_fired_ms"])
-        n_dead.copy_(trainer["n_dead"])
+        state.since_fired_ms.copy_(trainer["since_fired_ms"])
+        state.n_dead.copy_(trainer["n_dead"])
         start = latest.step
         log.info("resuming %s from step %d", cfg.out, start)
     else:
         if cfg.resume:
             log.warning("--resume: no checkpoint in %s yet; starting from step 0", cfg.out)
-        _init(sae, cfg, store, names, order, device)
+        _init(sae, cfg, store, [n for n in names if n not in frozen], order, device)
+        if world.is_main:
+            ckpt_io.save_run(cfg.out, sae, run_cfg)
+    run = _Run(sae, optimizer, cfg, names, state, train_dict, world, cfg.out / "metrics.jsonl")
+    if world.is_main:
+        _truncate_metrics(run.metrics_path, start)
+    last = _loop(run, Loader(store, names, order, device, world.rank, world.size), start)
+    distributed.average_buffers_(sae, world)
+    if world.is_main:
         ckpt_io.save_run(cfg.out, sae, run_cfg)
-    metrics_path = cfg.out / "metrics.jsonl"
-    _truncate_metrics(metrics_path, start)
-    state = TrainerState(since_fired_ms, n_dead)
-    last = _loop(sae, optimizer, cfg, store, names, order, state, train_dict, start, metrics_path)
-    ckpt_io.save_run(cfg.out, sae, run_cfg)
     if cfg.save_every == 0 or cfg.steps % cfg.save_every != 0:
-        _save(cfg, sae, optimizer, state, cfg.steps)
+        _save(run, cfg.steps)
     return FitResult(sae.eval(), cfg.out, last)
 
 
+def _check_resume_store(cfg: TrainConfig, store: Store) -> None:
+    saved_hash = ckpt_io.read_run_config(cfg.out).get("store", {}).get("hash")
+    if saved_hash is not None and saved_hash != store.hash:
+        raise UsaeError(f"--resume: store {store.path} ({store.hash[:12]}) is not the run's store ({saved_hash[:12]})")
+
+
+def _load_frozen(cfg: TrainConfig, sae: UniversalSAE) -> list[str]:
+    """--extend: copy the old run's models into ``sae`` and freeze them; returns their names.
+
+    The old run's dictionary stays exactly as it was: only the new models' encoders and decoders
+    receive gradients, so their concepts land on the existing latents.
+    """
+    old = ckpt_io.load(cfg.extend)
+    if old.n_latents != sae.n_latents or old.cfg.encoder != sae.cfg.encoder:
+        raise UsaeError(
+            f"--extend: {cfg.extend} has n_latents={old.n_latents}, encoder={old.cfg.encoder!r}; "
+            f"pass the same --n-latents/--encoder"
+        )
+    missing = [n for n in old.model_names if n not in sae.model_names]
+    if missing:
+        raise UsaeError(f"--extend: store {cfg.store} lacks the run's models {missing} (rows must pair with them)")
+    if len(old.model_names) == len(sae.model_names):
+        raise UsaeError(f"--extend: store {cfg.store} has no model beyond those of {cfg.extend}")
+    for name in old.model_names:
+        head = sae.head(name)
+        head.load_state_dict(old.head(name).state_dict())
+        head.requires_grad_(False)
+    return old.model_names
+
+
+class _Run(NamedTuple):
+    """What the training loop works on."""
+
+    sae: UniversalSAE
+    optimizer: torch.optim.Optimizer
+    cfg: TrainConfig
+    names: list[str]
+    state: TrainerState
+    train_dict: dict[str, Any]
+    world: World
+    metrics_path: Path
+
+
 def _init(sae: UniversalSAE, cfg: TrainConfig, store: Store, names: list[str], order: DataOrder, device) -> None:
-    if cfg.init != "data":
+    if cfg.init != "data" or not names:
         return
     rows = np.sort(order.rows(0)[: max(cfg.n_latents, 1)])
     x_n = {n: sae.normalize(n, torch.from_numpy(store.take(n, rows)).to(device)) for n in names}
@@ -357,9 +369,12 @@ class TrainerState(NamedTuple):
     """() int64: most dead latents of any model at the last check (AuxK uses min(k_aux, n_dead))."""
 
 
-def _save(cfg: TrainConfig, sae, optimizer, state: TrainerState, step: int) -> None:
-    tensors = {"since_fired_ms": state.since_fired_ms, "n_dead": state.n_dead}
-    ckpt_io.save_checkpoint(cfg.out, step, sae, optimizer, tensors, {"seed": cfg.seed})
+def _save(run: _Run, step: int) -> None:
+    distributed.average_buffers_(run.sae, run.world)
+    if run.world.is_main:
+        tensors = {"since_fired_ms": run.state.since_fired_ms, "n_dead": run.state.n_dead}
+        ckpt_io.save_checkpoint(run.cfg.out, step, run.sae, run.optimizer, tensors, {"seed": run.cfg.seed})
+    distributed.barrier(run.world)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -370,56 +385,50 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep))
 
 
-def _loop(sae, optimizer, cfg, store, names, order, state: TrainerState, train_dict, start, metrics_path) -> dict:
-    peak, warmup = train_dict["lr"], train_dict["warmup_steps"]
-    since_fired_ms = state.since_fired_ms
-    loader = Loader(store, names, order, since_fired_ms.device)
+def _loop(run: _Run, loader: Loader, start: int) -> dict[str, float]:
+    sae, optimizer, cfg, state = run.sae, run.optimizer, run.cfg, run.state
+    peak, warmup = run.train_dict["lr"], run.train_dict["warmup_steps"]
     sae.train()
     last: dict[str, float] = {}
-    bar = tqdm(
-        range(start, cfg.steps),
-        initial=start,
-        total=cfg.steps,
-        disable=not cfg.progress,
-        desc="train",
-    )
+    show = cfg.progress and run.world.is_main
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not show, desc="train", mininterval=1)
     try:
-        with metrics_path.open("a") as metrics_file:
-            for step in bar:
-                lr = lr_at(step, peak, warmup, cfg.steps, cfg.lr_end_ratio)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                batch = loader.get(step)
-                x_n = {n: sae.normalize(n, batch[n]) for n in names}
-                sources = sources_at(step, cfg.seed, names, cfg.rule)
-                k_aux = min(cfg.resolved_k_aux(), int(state.n_dead)) if cfg.auxk_coef > 0 else 0
-                stats = train_step(sae, optimizer, x_n, sources, cfg, since_fired_ms, k_aux)
-                done = step + 1
-                if done % DEAD_CHECK_EVERY == 0:
-                    state.n_dead.fill_(int((since_fired_ms > cfg.dead_after_tokens).sum(1).max()))
-                if done % cfg.log_every == 0 or done == cfg.steps:
-                    dead_m = (since_fired_ms > cfg.dead_after_tokens).double().mean(1)
-                    last = _record(done, lr, stats, names, dead_m)
-                    metrics_file.write(json.dumps(last) + "\n")
-                    metrics_file.flush()
-                    bar.set_postfix(loss=f"{last['train/loss']:.4f}")
-                if cfg.save_every and done % cfg.save_every == 0:
-                    _save(cfg, sae, optimizer, state, done)
+        for step in bar:
+            lr = lr_at(step, peak, warmup, cfg.steps, cfg.lr_end_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch = loader.get(step)
+            x_n = {n: sae.normalize(n, batch[n]) for n in run.names}
+            sources = sources_at(step, cfg.seed, run.names, cfg.rule)
+            k_aux = min(cfg.resolved_k_aux(), int(state.n_dead)) if cfg.auxk_coef > 0 else 0
+            stats = train_step(sae, optimizer, x_n, sources, cfg, state.since_fired_ms, k_aux, run.world)
+            done = step + 1
+            if done % DEAD_CHECK_EVERY == 0:
+                state.n_dead.fill_(int((state.since_fired_ms > cfg.dead_after_tokens).sum(1).max()))
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                last = _record(run, done, lr, stats)
+                bar.set_postfix(loss=f"{last['train/loss']:.4f}")
+            if cfg.save_every and done % cfg.save_every == 0:
+                _save(run, done)
     finally:
         loader.close()
     return last
 
 
-def _record(step: int, lr: float, stats: StepStats, names: list[str], dead_m: Tensor) -> dict[str, float]:
-    rec: dict[str, float] = {
-        "step": step,
-        "lr": lr,
-        "train/loss": float(stats.loss),
-        "train/aux": float(stats.aux),
-    }
+def _record(run: _Run, step: int, lr: float, stats: StepStats) -> dict[str, float]:
+    """Average the step's numbers over ranks and append them to metrics.jsonl (rank 0)."""
+    names = run.names
+    values = [stats.loss, stats.aux, *(stats.recon_d[n] for n in names)]
+    flat = torch.stack(values).float()
+    distributed.all_reduce_mean_([flat], run.world)
+    dead_m = (run.state.since_fired_ms > run.cfg.dead_after_tokens).double().mean(1)
+    rec: dict[str, float] = {"step": step, "lr": lr, "train/loss": float(flat[0]), "train/aux": float(flat[1])}
     for i, name in enumerate(names):
-        rec[f"train/recon/{name}"] = float(stats.recon_d[name])
+        rec[f"train/recon/{name}"] = float(flat[2 + i])
         rec[f"train/dead/{name}"] = float(dead_m[i])
+    if run.world.is_main:
+        with run.metrics_path.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
     return rec
 
 

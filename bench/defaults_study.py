@@ -146,7 +146,7 @@ RESULT_FIELDS = FIELDS + [
     "blocks",
 ]
 DEFAULT_RUN = {"warmup_frac": "default", "init": "data", "decoder_norm": "max1", "seed": 0}
-MULTS = (0.25, 0.5, 1.0, 2.0, 4.0)
+MULTS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 
 
 def run(world: WorldSpec, lpc: int, batch: int, steps: int, mult: float, **kw) -> dict:
@@ -170,13 +170,14 @@ def grid(worlds: list[WorldSpec], quick: bool) -> list[dict]:
     base = by["base"]
     for lpc in (2, 4, 8):
         for batch, steps in ((1024, 1500), (4096, 375)):
-            for m in MULTS:
+            for m in MULTS + ((16.0,) if lpc == 4 else ()):
                 runs.append(("scaling", run(base, lpc, batch, steps, m)))
     for name in ("wide2", "narrow4", "noisy"):
-        for m in MULTS:
+        for m in MULTS if name != "wide2" else MULTS[:-1]:  # wide2 is the costly one
             runs.append(("worlds", run(by[name], 4, 1024, 1500, m)))
     for m in MULTS:
-        runs.append(("worlds", run(by["narrow4"], 8, 1024, 1500, m)))
+        if m < 8:
+            runs.append(("worlds", run(by["narrow4"], 8, 1024, 1500, m)))
         runs.append(("worlds", run(by["narrow4"], 4, 4096, 375, m)))
     factors = [
         {"warmup_frac": 0.0},
@@ -189,10 +190,10 @@ def grid(worlds: list[WorldSpec], quick: bool) -> list[dict]:
             for m in (1.0, 2.0):
                 runs.append(("factors", run(w, 4, 1024, 1500, m, **f)))
     for steps in (500, 4000):
-        for m in (0.5, 1.0, 2.0, 4.0):
+        for m in (0.5, 1.0, 2.0, 4.0) + ((8.0,) if steps == 500 else ()):
             runs.append(("budget", run(base, 4, 1024, steps, m)))
     for w in worlds:
-        for m in (0.5, 1.0, 2.0, 4.0):
+        for m in (0.5, 1.0, 2.0, 4.0) if w.name in ("wide2", "noisy") else (1.0, 4.0):
             runs.append(("seeds", run(w, 4, 1024, 1500, m, seed=1)))
     return _merge(runs)
 
@@ -425,25 +426,35 @@ def _mean(rows: list[dict], k: str) -> float:
     return float(np.mean(v)) if v else math.nan
 
 
-def best_mult(cells: list[dict]) -> tuple[float, float]:
-    """Best LR multiplier of one sweep by recovery (ties: lower FVU) and a smooth estimate.
+GOOD_FVU = 1.25  # a run is "good" when fvu_self <= GOOD_FVU x the best of its sweep ...
+GOOD_REC = 0.02  # ... and it recovers within 2 points of the sweep's best recovery
 
-    The smooth estimate is the vertex of a parabola fitted to score(log2 mult) over the best
-    point and its neighbours, clipped to the swept range; score = rec_all - fvu_self (recovery
-    first, reconstruction as a tie-breaker on a comparable scale).
+
+def good_range(cells: list[dict]) -> tuple[float, float, float]:
+    """(best mult, lowest good mult, highest good mult) of one LR sweep.
+
+    Best: highest recovery, ties broken by lower fvu_self. Good: recovery within GOOD_REC of the
+    best and fvu_self within GOOD_FVU x the best. The low edge is interpolated in log2(mult) on
+    fvu_self between the last bad and the first good multiplier, so it is finer than the grid.
     """
     cells = sorted(cells, key=lambda r: r["lr_mult"])
-    score = [r["rec_all"] - r["fvu_self"] for r in cells]
-    i = int(np.argmax(score))
-    x = [math.log2(r["lr_mult"]) for r in cells]
-    lo, hi = max(0, i - 1), min(len(cells), i + 2)
-    if hi - lo == 3:
-        a, b, _ = np.polyfit(x[lo:hi], score[lo:hi], 2)
-        v = -b / (2 * a) if a < 0 else x[i]
-        v = min(max(v, x[lo]), x[hi - 1])
-    else:
-        v = x[i]
-    return cells[i]["lr_mult"], 2.0**v
+    best = max(cells, key=lambda r: (round(r["rec_all"], 6), -r["fvu_self"]))
+    fvu_best = min(r["fvu_self"] for r in cells if r["rec_all"] >= best["rec_all"] - GOOD_REC)
+    good = [r["rec_all"] >= best["rec_all"] - GOOD_REC and r["fvu_self"] <= GOOD_FVU * fvu_best for r in cells]
+    first = good.index(True)
+    last = len(good) - 1 - good[::-1].index(True)
+    lo = cells[first]["lr_mult"]
+    if first > 0:
+        r0, r1 = cells[first - 1], cells[first]
+        x0, x1 = math.log2(r0["lr_mult"]), math.log2(r1["lr_mult"])
+        y0, y1, t = math.log(r0["fvu_self"]), math.log(r1["fvu_self"]), math.log(GOOD_FVU * fvu_best)
+        if y0 > t >= y1:
+            lo = 2.0 ** (x0 + (x1 - x0) * (y0 - t) / (y0 - y1))
+    return best["lr_mult"], lo, cells[last]["lr_mult"]
+
+
+def _cell(r: dict | None) -> str:
+    return f"{_rec(r)}; {r['fvu_self']:.3f}" if r else ""
 
 
 def analyze(csv_path: Path) -> str:
@@ -452,12 +463,18 @@ def analyze(csv_path: Path) -> str:
     rows = read_csv(csv_path)
     out: list[str] = []
     p = out.append
-    worlds = list(dict.fromkeys(r["world"] for r in rows))
+    worlds = [w.name for w in WORLDS if any(r["world"] == w.name for r in rows)]
+    worlds += sorted({r["world"] for r in rows} - set(worlds))
     dflt = dict(DEFAULT_RUN)
 
     # LR sweeps: every (world, n_latents, batch, steps) with >= 3 multipliers at defaults, seed 0
-    p("### LR sweeps (seed 0; cells: recovered % universal/partial/specific; FVU self)\n")
-    sweeps = {}
+    p("### LR sweeps\n")
+    p(
+        "Seed 0, warmup/init/decoder at their defaults. Cell: % recovered universal/partial/"
+        "specific; FVU of self-reconstruction. 'good': recovery within 2 points of the sweep's "
+        "best and FVU within 1.25x its best (low edge interpolated).\n"
+    )
+    sweeps: dict = {}
     for r in _select(rows, **dflt):
         sweeps.setdefault((r["world"], r["n_latents"], r["batch_size"], r["steps"]), []).append(r)
     sweeps = {k: v for k, v in sweeps.items() if len(v) >= 3}
@@ -465,61 +482,76 @@ def analyze(csv_path: Path) -> str:
     p(
         "| world | latents | batch | steps | rule LR | "
         + " | ".join(f"x{m:g}" for m in mults)
-        + " | best | smooth best |"
+        + " | best | good range |"
     )
     p("|" + "---|" * (7 + len(mults)))
-    fit_pts = []
-    for (w, s, b, steps), cells in sorted(sweeps.items()):
+    edges = []
+    order = {w: i for i, w in enumerate(worlds)}
+    for (w, s, b, steps), cells in sorted(sweeps.items(), key=lambda kv: (order[kv[0][0]], kv[0][1:])):
         by_m = {r["lr_mult"]: r for r in cells}
         row = [w, str(s), str(b), str(steps), f"{default_lr(s):.2g}"]
-        for m in mults:
-            r = by_m.get(m)
-            row.append(f"{_rec(r)}; {r['fvu_self']:.3f}" if r else "")
-        bm, sm = best_mult(cells)
-        row += [f"x{bm:g}", f"x{sm:.2f} ({sm * default_lr(s):.2g})"]
+        row += [_cell(by_m.get(m)) for m in mults]
+        bm, lo, hi = good_range(cells)
+        top = "+" if hi == max(by_m) else ""
+        row += [f"x{bm:g}", f"x{lo:.2g}–x{hi:g}{top}"]
         p("| " + " | ".join(row) + " |")
-        fit_pts.append((w, s, b, steps, sm * default_lr(s), cells[0]["n_concepts"]))
-    p("")
+        edges.append(
+            dict(
+                world=w,
+                n_latents=s,
+                batch=b,
+                steps=steps,
+                lo=lo * default_lr(s),
+                hi=hi * default_lr(s),
+                hi_open=bool(top),
+                best=bm * default_lr(s),
+                n_concepts=cells[0]["n_concepts"],
+            )
+        )
+    p("\n('+': the range reaches the largest multiplier tried.)\n")
 
-    # scaling fit on the base world
-    pts = [q for q in fit_pts if q[0] == "base" and q[3] * q[2] == 1500 * 1024]
+    p("### Absolute LRs of the good range\n")
+    p("| world | latents | latents/concept | batch | steps | low edge | best | high edge |")
+    p("|---|---|---|---|---|---|---|---|")
+    for e in edges:
+        p(
+            f"| {e['world']} | {e['n_latents']} | {e['n_latents'] / e['n_concepts']:g} | "
+            f"{e['batch']} | {e['steps']} | {e['lo']:.2g} | {e['best']:.2g} | "
+            f"{e['hi']:.2g}{'+' if e['hi_open'] else ''} |"
+        )
+    p("")
+    pts = [e for e in edges if e["world"] == "base" and e["steps"] * e["batch"] == 1500 * 1024]
     if len(pts) >= 3:
-        X = np.array([[1.0, math.log(q[1] / 512), math.log(q[2] / 1024)] for q in pts])
-        y = np.array([math.log(q[4]) for q in pts])
+        X = np.array([[1.0, math.log(e["n_latents"] / 512), math.log(e["batch"] / 1024)] for e in pts])
+        y = np.array([math.log(e["lo"]) for e in pts])
         coef, *_ = np.linalg.lstsq(X, y, rcond=None)
         p(
-            "Fit on world base, equal tokens (least squares on the smooth best LRs): "
-            f"best LR ≈ {math.exp(coef[0]):.3g} · (n_latents/512)^{coef[1]:+.2f} · "
+            "Least-squares fit of the low edge on world base at equal tokens: low edge ≈ "
+            f"{math.exp(coef[0]):.3g} · (n_latents/512)^{coef[1]:+.2f} · "
             f"(batch/1024)^{coef[2]:+.2f}\n"
         )
-    # seed-averaged headline: rec_all by multiplier at 4x, batch 1024, 1500 steps
-    p("### Headline: mean over training seeds 0 and 1 (4x latents, batch 1024, 1500 steps)\n")
-    p("| world | " + " | ".join(f"x{m:g}" for m in (0.25, 0.5, 1.0, 2.0, 4.0)) + " |")
-    p("|---|" + "---|" * 5)
+
+    # seed-averaged headline
+    hm = sorted({r["lr_mult"] for r in rows if r["seed"] == 1})
+    p("### Two training seeds (4x latents, batch 1024, 1500 steps)\n")
+    p("Mean over seeds 0 and 1: % recovered universal/partial/specific; FVU self.\n")
+    p("| world | " + " | ".join(f"x{m:g}" for m in hm) + " |")
+    p("|---|" + "---|" * len(hm))
     for w in worlds:
         cells = []
-        for m in (0.25, 0.5, 1.0, 2.0, 4.0):
+        for m in hm:
             rs = [
                 r
-                for r in _select(
-                    rows,
-                    world=w,
-                    batch_size=1024,
-                    steps=1500,
-                    lr_mult=m,
-                    warmup_frac="default",
-                    init="data",
-                    decoder_norm="max1",
-                )
-                if abs(r["latents_per_concept"] - 4) < 1e-9
+                for r in _select(rows, **dict(dflt, world=w, batch_size=1024, steps=1500, lr_mult=m))
+                if r["latents_per_concept"] == 4
             ]
-            if not rs:
+            rs = [r for r in rs if r["seed"] in (0, 1)]
+            if len(rs) < 2:
                 cells.append("")
                 continue
-            seeds = "" if len(rs) > 1 else " (1 seed)"
             cells.append(
                 "/".join(_pct(_mean(rs, f"rec_{k}")) for k in ("universal", "partial", "specific"))
-                + f"; all {_pct(_mean(rs, 'rec_all'))}{seeds}"
+                + f"; {_mean(rs, 'fvu_self'):.3f}"
             )
         p(f"| {w} | " + " | ".join(cells) + " |")
     p("")
@@ -527,13 +559,13 @@ def analyze(csv_path: Path) -> str:
     # one factor at a time
     p("### One factor at a time (4x latents, batch 1024, 1500 steps, seed 0)\n")
     variants = [
-        ("default", {}),
+        ("default (warmup 5 %, data init, max1)", {}),
         ("warmup 0", {"warmup_frac": 0.0}),
         ("warmup 20 %", {"warmup_frac": 0.2}),
         ("init random", {"init": "random"}),
         ("decoder unit", {"decoder_norm": "unit"}),
     ]
-    for m in (1.0, 2.0):
+    for m in sorted({r["lr_mult"] for r in rows if r["init"] == "random"}):
         p(f"LR multiplier x{m:g}:\n")
         p("| variant | " + " | ".join(worlds) + " |")
         p("|---|" + "---|" * len(worlds))
@@ -542,24 +574,37 @@ def analyze(csv_path: Path) -> str:
             for w in worlds:
                 sel = dict(dflt, world=w, batch_size=1024, steps=1500, lr_mult=m, seed=0)
                 sel.update(v)
-                rs = [r for r in _select(rows, **sel) if abs(r["latents_per_concept"] - 4) < 1e-9]
-                cells.append(f"{_rec(rs[0])}; {rs[0]['fvu_self']:.3f}" if rs else "")
+                rs = [r for r in _select(rows, **sel) if r["latents_per_concept"] == 4]
+                cells.append(_cell(rs[0] if rs else None))
             p(f"| {label} | " + " | ".join(cells) + " |")
         p("")
 
     # budget
+    bm = sorted({r["lr_mult"] for r in rows if "budget" in r["blocks"]})
     p("### Steps budget (world base, 512 latents, batch 1024, seed 0)\n")
-    p("| steps | " + " | ".join(f"x{m:g}" for m in (0.5, 1.0, 2.0, 4.0)) + " |")
-    p("|---|" + "---|" * 4)
+    p("| steps | " + " | ".join(f"x{m:g}" for m in bm) + " |")
+    p("|---|" + "---|" * len(bm))
     for steps in (500, 1500, 4000):
-        cells = []
-        for m in (0.5, 1.0, 2.0, 4.0):
-            rs = _select(rows, **dict(dflt, world="base", n_latents=512, batch_size=1024, steps=steps, lr_mult=m))
-            cells.append(f"{_rec(rs[0])}; {rs[0]['fvu_self']:.3f}" if rs else "")
+        cells = [
+            _cell(
+                next(
+                    iter(
+                        _select(
+                            rows, **dict(dflt, world="base", n_latents=512, batch_size=1024, steps=steps, lr_mult=m)
+                        )
+                    ),
+                    None,
+                )
+            )
+            for m in bm
+        ]
         p(f"| {steps} | " + " | ".join(cells) + " |")
     p("")
     total = sum(r["wall_s"] for r in rows)
-    p(f"{len(rows)} runs, {total / 60:.0f} min of training (sum over runs, 1 thread each).")
+    p(
+        f"{len(rows)} runs, {total / 60:.0f} min of training (sum over runs, 1 torch thread each, "
+        "2 runs at a time on a shared 2-core CPU)."
+    )
     return "\n".join(out)
 
 

@@ -8,7 +8,6 @@ import torch
 import usae.train as train_mod
 from usae.checkpoint import latest_checkpoint, load
 from usae.config import TrainConfig
-from usae.data import DataOrder
 from usae.errors import UsaeError
 from usae.store import write_store
 from usae.synth import make_world, recovery
@@ -36,16 +35,6 @@ def test_lr_schedule_is_a_pure_function_of_the_step():
     assert lr_at(55, 1.0, 10, 100) == pytest.approx(0.5)  # halfway through the cosine
     assert lr_at(100, 1.0, 10, 100, end_ratio=0.1) == pytest.approx(0.1)
     assert lr_at(0, 2.0, 0, 10) == pytest.approx(2.0)
-
-
-def test_data_order_visits_every_row_once_per_epoch():
-    order = DataOrder(n_rows=100, batch_size=30, seed=1)
-    rows = np.concatenate([order.rows(s) for s in range(10)])  # 300 rows = 3 epochs
-    for e in range(3):
-        assert sorted(rows[e * 100 : (e + 1) * 100].tolist()) == list(range(100))
-    # batches are a pure function of the step: a fresh order object gives the same batch
-    assert (DataOrder(100, 30, 1).rows(7) == order.rows(7)).all()
-    assert not (DataOrder(100, 30, 2).rows(0) == order.rows(0)).all()
 
 
 def test_sources():

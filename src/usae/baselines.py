@@ -251,7 +251,10 @@ class CorrelationSums:
             b, k = z_a.idx_bk.shape
             rows = torch.arange(b, device=z_a.idx_bk.device).repeat_interleave(k)
             at_sb = torch.sparse_coo_tensor(
-                torch.stack([z_a.idx_bk.reshape(-1), rows]), z_a.val_bk.reshape(-1).float(), (n_a, b)
+                torch.stack([z_a.idx_bk.reshape(-1), rows]),
+                z_a.val_bk.reshape(-1).float(),
+                (n_a, b),
+                check_invariants=False,
             )
             self.ab_ss += torch.sparse.mm(at_sb, dense_b).double()
             dense_a = z_a.to_dense(n_a).float()
@@ -450,6 +453,28 @@ def _recovery(sae: UniversalSAE, indep: dict[str, UniversalSAE], matchings: dict
     }
 
 
+def _matching_section(
+    names: list[str],
+    matchings: dict[tuple[int, int], Matching],
+    same: dict[tuple[int, int], np.ndarray],
+    threshold: float,
+) -> list[dict[str, Any]]:
+    """Per model pair: summaries and sorted similarities, independent (Hungarian) and USAE (same index)."""
+    out = []
+    for (i, j), m in matchings.items():
+        identity = np.arange(same[(i, j)].size)
+        out.append(
+            {
+                "models": [names[i], names[j]],
+                "independent": matching_summary(m, threshold),
+                "usae_same_index": matching_summary(Matching(identity, identity, same[(i, j)]), threshold),
+                "independent_sorted": np.sort(m.similarity)[::-1].round(4).tolist(),
+                "usae_sorted": np.sort(same[(i, j)])[::-1].round(4).tolist(),
+            }
+        )
+    return out
+
+
 def run_baselines(
     run_dir: str | Path,
     store_dir: str | Path,
@@ -478,6 +503,9 @@ def run_baselines(
     names = sae.model_names
     if len(names) < 2:
         raise UsaeError(f"{run_dir}: baselines compare models; this run has one ({names})")
+    train = read_run_config(run_dir)["train"]
+    if read_run_config(run_dir).get("store", {}).get("hash") not in (None, store.hash):
+        log.warning("%s is not the store %s was trained on; the independent SAEs train on it", store.path, run_dir)
     indep = train_independent(run_dir, store.path, retrain=retrain, device=device, progress=progress)
     stop = store.n_rows if max_rows is None else min(max_rows, store.n_rows)
     corr, same = stream_correlations(sae, indep, store, stop=stop, batch_size=batch_size, progress=progress)
@@ -488,19 +516,11 @@ def run_baselines(
         "store": {"path": str(store.path), "hash": store.hash},
         "model_names": names,
         "n_rows": stop,
-        "independent": {"dir": str(run_dir / BASELINES_DIR), "n_latents": sae.n_latents, "k": sae.k},
-        "matching": [
-            {
-                "models": [names[i], names[j]],
-                "independent": matching_summary(matchings[(i, j)], match_threshold),
-                "usae_same_index": matching_summary(
-                    Matching(*[np.arange(sae.n_latents)] * 2, same[(i, j)]), match_threshold
-                ),
-                "independent_sorted": np.sort(matchings[(i, j)].similarity)[::-1].round(4).tolist(),
-                "usae_sorted": np.sort(same[(i, j)])[::-1].round(4).tolist(),
-            }
-            for i, j in _pairs(names)
-        ],
+        "independent": {
+            "dir": str(run_dir / BASELINES_DIR),
+            **{key: train[key] for key in ("n_latents", "k", "steps", "batch_size", "seed")},
+        },
+        "matching": _matching_section(names, matchings, same, match_threshold),
         "dictionary_agreement": {
             n: dictionary_agreement(sae.dictionary(n).cpu(), indep[n].dictionary(n).cpu(), cosine_threshold, seed)
             for n in names

@@ -116,6 +116,9 @@ class TrainConfig:
     """Dead latents used by AuxK per row. Default: min(n_latents // 2, 256)."""
     dead_after_tokens: int = 262_144
     """A latent is dead for a model after this many of its encoded tokens without firing."""
+    shuffle_buffer_mb: int = 256
+    """Rows are shuffled within windows of about this many MB read whole from the store; two
+    windows are in memory at a time (the one in use and the next, read ahead)."""
     extend: Path | None = None
     """Add models to a trained universe: RUN whose models stay frozen; only the store's other models'
     encoders and decoders are fit (the store must hold the run's models, paired, plus the new ones)."""
@@ -140,6 +143,7 @@ class TrainConfig:
             "log_every": self.log_every >= 1,
             "save_every": self.save_every >= 0,
             "dead_after_tokens": self.dead_after_tokens >= 1,
+            "shuffle_buffer_mb": self.shuffle_buffer_mb >= 1,
             "lr": self.lr is None or self.lr > 0,
             "warmup_steps": self.warmup_steps is None or self.warmup_steps >= 0,
             "lr_end_ratio": 0.0 <= self.lr_end_ratio <= 1.0,

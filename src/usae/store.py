@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import math
+import mmap
 import os
 import re
 import shutil
@@ -570,7 +571,13 @@ class Store:
         """Memory map of one shard, opened on first use and cached."""
         key = (name, index)
         if key not in self._mmaps:
-            self._mmaps[key] = np.load(self._shard_path(name, index), mmap_mode="r", allow_pickle=False)
+            shard = np.load(self._shard_path(name, index), mmap_mode="r", allow_pickle=False)
+            # Training reads scattered rows: without this, kernel read-ahead maps megabytes around
+            # every row touched and RSS grows with the store instead of the batch.
+            raw = getattr(shard, "_mmap", None)
+            if raw is not None and hasattr(mmap, "MADV_RANDOM"):
+                raw.madvise(mmap.MADV_RANDOM)
+            self._mmaps[key] = shard
         return self._mmaps[key]
 
     def release_pages(self) -> None:
@@ -598,11 +605,11 @@ class Store:
         mean_d, var_d = np.asarray(s["mean"], np.float32), np.asarray(s["var"], np.float32)
         return ModelStats(mean_d, var_d, float(s["std"]), float(s["scalar_mean"]))
 
-    def rows(self, name: str, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) of model ``name`` as a (stop - start, d) float32 array."""
+    def rows(self, name: str, start: int, stop: int, dtype: Any = np.float32) -> np.ndarray:
+        """Rows [start, stop) of model ``name`` as a (stop - start, d) copy (``dtype=None``: the store's)."""
         d = self._width(name)
         self._check_range(start, stop)
-        x_bd = np.empty((stop - start, d), np.float32)
+        x_bd = np.empty((stop - start, d), self.dtype if dtype is None else dtype)
         row = start
         while row < stop:
             index, lo = divmod(row, self.rows_per_shard)

@@ -111,7 +111,7 @@ def train_step(
         m = names.index(src)
         dead_s = since_fired_ms[m] > cfg.dead_after_tokens
         code, aux_code = sae.encode_normalized(src, x_n[src], dead_s, k_aux)
-        _update_since_fired(since_fired_ms[m], code, x_n[src].shape[0], world)
+        _update_since_fired(since_fired_ms[m], code, cfg.batch_size, world)
         for dst in names:
             x_hat_bd = sae.decode_normalized(dst, code)
             recon[dst] = recon[dst] + reconstruction_loss(x_hat_bd, x_n[dst], cfg.loss)
@@ -119,7 +119,10 @@ def train_step(
                 aux_hat_bd = sae.decode_normalized(dst, aux_code, bias=False)
                 aux = aux + auxk_loss(aux_hat_bd, (x_n[dst] - x_hat_bd).detach())
     total = (sum(recon.values()) + cfg.auxk_coef * aux) / len(sources)
-    total.backward()
+    # Ranks hold uneven shares of the global batch: weight each rank's mean by its share so the
+    # all-reduced average gradient is the gradient of the global-batch mean.
+    share = x_n[sources[0]].shape[0] * world.size / cfg.batch_size
+    (total * share if world.size > 1 else total).backward()
     distributed.all_reduce_mean_([p.grad for p in sae.parameters() if p.grad is not None], world)
     if cfg.rule == "as-released":
         # The official loop steps only the sampled model's optimiser: other heads' gradients are
@@ -139,6 +142,7 @@ def train_step(
 
 
 def _update_since_fired(since_fired_s: Tensor, code: SparseCode | Tensor, n_rows: int, world: World) -> None:
+    """Count ``n_rows`` (the global batch) more tokens for every latent; reset those that fired on any rank."""
     if isinstance(code, SparseCode):
         # index_add instead of boolean-mask indexing: no device-to-host sync on GPU
         hits_s = torch.zeros_like(since_fired_s).index_add_(
@@ -147,7 +151,7 @@ def _update_since_fired(since_fired_s: Tensor, code: SparseCode | Tensor, n_rows
     else:
         hits_s = (code > 0).sum(0)
     distributed.all_reduce_sum_(hits_s, world)
-    since_fired_s.add_(n_rows * world.size).masked_fill_(hits_s > 0, 0)
+    since_fired_s.add_(n_rows).masked_fill_(hits_s > 0, 0)
 
 
 # -- fit ----------------------------------------------------------------------------------------
@@ -267,15 +271,15 @@ def fit(cfg: TrainConfig) -> FitResult:
     store = open_store(cfg.store)
     names = _check_models(cfg, store)
     world, device = distributed.init(resolve_device(cfg.device))
-    if cfg.batch_size % world.size:
-        raise UsaeError(f"--batch-size {cfg.batch_size} must be divisible by the world size {world.size}")
     if world.is_main:
         _prepare_run_dir(cfg)
     distributed.barrier(world)
     sae = build_sae(cfg, store, names, device)
     frozen = _load_frozen(cfg, sae) if cfg.extend is not None else []
     optimizer = make_optimizer(sae, cfg)
-    order = DataOrder(store.n_rows, cfg.batch_size, cfg.seed)
+    row_bytes = store.dtype.itemsize * sum(store.widths[n] for n in names)
+    window_rows = max(cfg.batch_size, cfg.shuffle_buffer_mb * 2**20 // row_bytes)
+    order = DataOrder(store.n_rows, cfg.batch_size, cfg.seed, window_rows=window_rows)
     state = TrainerState(
         torch.zeros(len(names), cfg.n_latents, dtype=torch.int64, device=device), torch.zeros((), dtype=torch.int64)
     )

@@ -34,6 +34,10 @@ def test_report_matches_direct_computation(trained, small_store, small_world):
                 expected = float(metrics.r2(x[dst], sae.decode(dst, z[src])))
                 assert report["r2_matrix"][i][j] == pytest.approx(expected, abs=1e-6)
         fires = torch.stack([(z[n] > 0.1).sum(0) for n in names]).double()
+        z_joint = sae.encode_joint(x)
+        for dst in names:
+            expected = float(metrics.r2(x[dst], sae.decode(dst, z_joint)))
+            assert report["r2_joint"][dst] == pytest.approx(expected, abs=1e-6)
     assert report["fires"]["b"] == fires[1].long().tolist()
     cofires = ((z["a"] > 0.1) & (z["b"] > 0.1) & (z["c"] > 0.1)).sum(0)
     assert report["cofiring"]["cofires"] == cofires.tolist()

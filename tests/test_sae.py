@@ -160,3 +160,21 @@ def test_sparse_encoder_path_matches_dense_autograd():
             assert a is None and b is None or float((a if a is not None else b).abs().max()) == 0, name
             continue
         torch.testing.assert_close(a, b, msg=name)
+
+
+def test_global_topk_and_crosscoder_codes():
+    sae = make(n_latents=30, k=3)
+    x_n = {"a": torch.randn(7, 12, dtype=torch.float64), "b": torch.randn(7, 20, dtype=torch.float64)}
+    summed = sae.pre_activation("a", x_n["a"]) + sae.pre_activation("b", x_n["b"])
+    top = torch.topk(summed, 3, dim=1).indices.sort(1).values
+    sparc = sae.encode_global(x_n, shared_values=False)
+    assert torch.equal(sparc["a"].idx_bk.sort(1).values, top) and torch.equal(sparc["b"].idx_bk, sparc["a"].idx_bk)
+    # SPARC: each model keeps its own values at the shared indices
+    torch.testing.assert_close(
+        sparc["b"].val_bk, torch.relu(sae.pre_activation("b", x_n["b"]).gather(1, sparc["b"].idx_bk))
+    )
+    cross = sae.encode_global(x_n, shared_values=True)
+    assert cross["a"] is cross["b"]
+    torch.testing.assert_close(cross["a"].val_bk, torch.relu(summed.gather(1, cross["a"].idx_bk)))
+    dense = sae.encode_joint({n: sae.denormalize(n, v) for n, v in x_n.items()})
+    torch.testing.assert_close(dense, cross["a"].to_dense(30))

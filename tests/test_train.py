@@ -117,6 +117,8 @@ def test_as_released_steps_only_the_sampled_model(small_store, tmp_path):
             "weight_decay": 1e-4,
         },
         {"normalization": "paper", "init": "random", "auxk_coef": 0.0},
+        {"rule": "sparc"},
+        {"rule": "crosscoder"},
     ],
 )
 def test_options_train(small_store, tmp_path, options):

@@ -377,11 +377,10 @@ def train_independent(
             saes[name] = load(out, device=resolve_device(device))
             continue
         log.info("training independent SAE for model %r -> %s", name, out)
-        cfg = dataclasses.replace(
-            train, store=Path(store_dir), out=out, models=(name,), resume=False, overwrite=True,
-            save_every=0, device=device, progress=progress,
-        )  # fmt: skip
-        saes[name] = fit(cfg).sae
+        # extend=None: the baseline of a universe grown by --extend is still trained from scratch
+        changes = {"store": Path(store_dir), "out": out, "models": (name,), "extend": None, "resume": False}
+        changes |= {"overwrite": True, "save_every": 0, "device": device, "progress": progress}
+        saes[name] = fit(dataclasses.replace(train, **changes)).sae
     return saes
 
 

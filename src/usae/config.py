@@ -21,7 +21,7 @@ from usae.errors import UsaeError
 
 SCHEMA_VERSION = 1
 
-Rule = Literal["random-source", "all-sources", "as-released"]
+Rule = Literal["random-source", "all-sources", "as-released", "sparc", "crosscoder"]
 Encoder = Literal["linear", "mlp"]
 Activation = Literal["topk", "batchtopk"]
 Normalization = Literal["scalar", "per-dim", "paper", "none"]
@@ -79,7 +79,11 @@ class TrainConfig:
     rule: Rule = "random-source"
     """'random-source': each step encodes one random model and decodes to all (paper);
     'all-sources': every model encodes each step; 'as-released': random-source but only the
-    sampled model's parameters are stepped, discarding cross-model gradients (official code)."""
+    sampled model's parameters are stepped, discarding cross-model gradients (official code).
+    Baseline objectives under the same trainer: 'sparc' (SPARC's global TopK: one index set from
+    the summed pre-activations, per-model values, all-to-all reconstruction) and 'crosscoder'
+    (acausal crosscoder: one code from the summed pre-activations of all models). These two use
+    no AuxK."""
     models: tuple[str, ...] | None = None
     """Subset of the store's models to train on (default: all, in store order)."""
     lr: float | None = None

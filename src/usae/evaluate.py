@@ -34,6 +34,7 @@ class _Sums:
         m, s = len(names), n_latents
         f64 = {"dtype": torch.float64, "device": device}
         self.sse_mm = torch.zeros(m, m, **f64)  # [src, dst]
+        self.sse_joint_m = torch.zeros(m, **f64)  # joint code (summed pre-activations) -> dst
         self.sum_y = {n: None for n in names}  # sum of (x - store mean), per dim, per model
         self.sum_yy = torch.zeros(m, **f64)  # sum of squared centred values per model
         self.fires_ms = torch.zeros(m, s, **f64)  # code > tau
@@ -62,6 +63,9 @@ def _accumulate(sae: UniversalSAE, x: dict[str, torch.Tensor], means: dict, tau:
             x_hat = sae.decode(dst, z_bs)
             acc.sse_mm[i, j] += (x[dst].double() - x_hat.double()).square().sum()
     acc.cofires_s += all_fire_bs.sum(0)
+    z_joint_bs = sae.encode_joint(x)
+    for j, dst in enumerate(names):
+        acc.sse_joint_m[j] += (x[dst].double() - sae.decode(dst, z_joint_bs).double()).square().sum()
     for j, dst in enumerate(names):
         y = x[dst].double() - means[dst]
         acc.sum_y[dst] = y.sum(0) if acc.sum_y[dst] is None else acc.sum_y[dst] + y.sum(0)
@@ -122,6 +126,7 @@ def _report(sae: UniversalSAE, store: Store, acc: _Sums, tau: float) -> dict[str
         "store": {"path": str(store.path), "hash": store.hash},
         "r2_matrix": _nan_to_none(r2_mm.tolist()),
         "r2_self_mean": float(r2_mm.diagonal().mean()),
+        "r2_joint": {nm: float(metrics.r2_from_sums(acc.sse_joint_m[j], sst_m[j])) for j, nm in enumerate(names)},
         "r2_cross_mean": sum(off_diag) / len(off_diag) if off_diag else None,
         "fvu": {nm: float(1 - r2_mm[i, i]) for i, nm in enumerate(names)},
         "l0": {nm: float(acc.active_ms[i].sum() / n) for i, nm in enumerate(names)},
@@ -158,7 +163,9 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluate ``run`` (a run directory or a UniversalSAE) on ``store``; write report.json.
 
-    Report keys: r2_matrix ([src][dst] cross-reconstruction R² in raw units), fvu, l0,
+    Report keys: r2_matrix ([src][dst] cross-reconstruction R² in raw units), r2_joint (per model,
+    decoding one code chosen from all models' summed pre-activations: the crosscoder's own
+    metric, a consensus code for the others), fvu, l0,
     dead_fraction (per model), firing_entropy (per latent), cofiring, energy (per model, per latent),
     classes. ``out`` defaults to RUN/report.json when ``run`` is a directory (no file otherwise).
     """

@@ -262,6 +262,29 @@ class UniversalSAE(nn.Module):
         # live latents fill the aux slots when fewer than k_aux are dead: they contribute nothing
         return code, SparseCode(aux_idx_bk, val_bj[:, self.k :] * dead_s[aux_idx_bk])
 
+    def encode_global(self, x_n: dict[str, Tensor], shared_values: bool) -> dict[str, SparseCode]:
+        """Codes chosen from the pre-activations summed over models (every model's rows needed).
+
+        ``shared_values=False`` is SPARC's global TopK: one index set per row from the summed
+        pre-activations, each model keeping its own values there. ``shared_values=True`` is an
+        acausal crosscoder: one code, TopK of the summed pre-activations, the same for every model.
+        """
+        z_pre = {n: self.pre_activation(n, x) for n, x in x_n.items()}
+        summed_bs = sum(z_pre.values())
+        if shared_values:
+            top = torch.topk(summed_bs, self.k, dim=1, sorted=False)
+            code = SparseCode(top.indices, F.relu(top.values))
+            return dict.fromkeys(x_n, code)
+        idx_bk = torch.topk(summed_bs.detach(), self.k, dim=1, sorted=False).indices
+        return {n: SparseCode(idx_bk, F.relu(z.gather(1, idx_bk))) for n, z in z_pre.items()}
+
+    def encode_joint(self, x: dict[str, Tensor]) -> Tensor:
+        """Raw activations of every model on the same rows -> one dense code (crosscoder-style)."""
+        for name, x_bd in x.items():
+            self._check_input(name, x_bd)
+        code = next(iter(self.encode_global({n: self.normalize(n, v) for n, v in x.items()}, True).values()))
+        return code.to_dense(self.n_latents)
+
     def decode_normalized(self, name: str, code: Code, bias: bool = True) -> Tensor:
         """Code -> (b, d) reconstruction of model ``name`` in normalised units (``bias``: add b_dec)."""
         h = self.head(name)

@@ -68,7 +68,7 @@ def lr_at(step: int, peak: float, warmup: int, total: int, end_ratio: float = 0.
 
 def sources_at(step: int, seed: int, names: list[str], rule: str) -> list[str]:
     """Models encoded at ``step``: one drawn from (seed, step) for random-source rules, else all."""
-    if rule == "all-sources":
+    if rule in ("all-sources", "sparc", "crosscoder"):
         return list(names)
     return [names[int(np.random.default_rng([seed, step, 7]).integers(len(names)))]]
 
@@ -107,17 +107,17 @@ def train_step(
     total = torch.zeros((), device=since_fired_ms.device)
     recon = {dst: torch.zeros_like(total) for dst in names}
     aux = torch.zeros_like(total)
-    for src in sources:
-        m = names.index(src)
-        dead_s = since_fired_ms[m] > cfg.dead_after_tokens
-        code, aux_code = sae.encode_normalized(src, x_n[src], dead_s, k_aux)
-        _update_since_fired(since_fired_ms[m], code, cfg.batch_size, world)
+    for m, code, aux_code in _codes(sae, x_n, sources, cfg, since_fired_ms, k_aux):
+        for i in range(len(names)) if m is None else (m,):
+            _update_since_fired(since_fired_ms[i], code, cfg.batch_size, world)
         for dst in names:
             x_hat_bd = sae.decode_normalized(dst, code)
             recon[dst] = recon[dst] + reconstruction_loss(x_hat_bd, x_n[dst], cfg.loss)
             if aux_code is not None:
                 aux_hat_bd = sae.decode_normalized(dst, aux_code, bias=False)
                 aux = aux + auxk_loss(aux_hat_bd, (x_n[dst] - x_hat_bd).detach())
+    if cfg.rule == "crosscoder":
+        sources = sources[:1]  # one joint code: its losses are not averaged over models
     total = (sum(recon.values()) + cfg.auxk_coef * aux) / len(sources)
     # Ranks hold uneven shares of the global batch: weight each rank's mean by its share so the
     # all-reduced average gradient is the gradient of the global-batch mean.
@@ -139,6 +139,23 @@ def train_step(
     sae.constrain_decoders_()
     n_src = len(sources)
     return StepStats(total.detach(), {d: r.detach() / n_src for d, r in recon.items()}, aux.detach() / n_src)
+
+
+def _codes(sae: UniversalSAE, x_n, sources: list[str], cfg: TrainConfig, since_fired_ms: Tensor, k_aux: int):
+    """(model index, code, AuxK code) per encoded source; index None: the code belongs to every model."""
+    names = sae.model_names
+    if cfg.rule in ("sparc", "crosscoder"):
+        codes = sae.encode_global(x_n, shared_values=cfg.rule == "crosscoder")
+        if cfg.rule == "crosscoder":  # one code, counted as firing for every model
+            code = codes[names[0]]
+            return [(None, code, None)]
+        return [(names.index(n), codes[n], None) for n in names]
+    out = []
+    for src in sources:
+        m = names.index(src)
+        code, aux_code = sae.encode_normalized(src, x_n[src], since_fired_ms[m] > cfg.dead_after_tokens, k_aux)
+        out.append((m, code, aux_code))
+    return out
 
 
 def _update_since_fired(since_fired_s: Tensor, code: SparseCode | Tensor, n_rows: int, world: World) -> None:

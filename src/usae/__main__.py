@@ -10,7 +10,7 @@ from pathlib import Path
 
 import tyro
 
-from usae.config import DemoConfig, EvalConfig, SynthConfig, TrainConfig, write_json_atomic
+from usae.config import AblateConfig, DemoConfig, EvalConfig, SynthConfig, TrainConfig, write_json_atomic
 from usae.errors import UsaeError
 
 log = logging.getLogger("usae")
@@ -118,8 +118,21 @@ def demo(cfg: DemoConfig) -> dict:
     return summary
 
 
-COMMANDS = {"synth": SynthConfig, "train": TrainConfig, "evaluate": EvalConfig, "demo": DemoConfig}
-HANDLERS = {"synth": synth, "train": train, "evaluate": evaluate, "demo": demo}
+def ablate(cfg: AblateConfig) -> None:
+    from usae.ablate import ablate as run_ablate
+    from usae.ablate import format_table
+
+    print(format_table(run_ablate(cfg)))
+
+
+COMMANDS = {
+    "synth": SynthConfig,
+    "train": TrainConfig,
+    "evaluate": EvalConfig,
+    "ablate": AblateConfig,
+    "demo": DemoConfig,
+}
+HANDLERS = {"synth": synth, "train": train, "evaluate": evaluate, "ablate": ablate, "demo": demo}
 
 
 def main(argv: list[str] | None = None) -> int:

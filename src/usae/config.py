@@ -191,6 +191,34 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class AblateConfig:
+    """Sweep a grid of training configurations; write a CSV and a markdown table of the headline numbers."""
+
+    stores: tyro.conf.Positional[tuple[Path, ...]]
+    """One or more paired activation stores (one grid axis)."""
+    out: Path = Path("ablation")
+    """Directory for the runs (OUT/runs/<point>) and OUT/ablation.{csv,md}."""
+    rules: tuple[Rule, ...] = ("random-source",)
+    """Objectives / update rules to compare (see `usae train --help`)."""
+    n_models: tuple[int, ...] = (3,)
+    """Numbers of models: the first N models of each store."""
+    n_latents: tuple[int, ...] = (512,)
+    """Dictionary sizes."""
+    k: tuple[int, ...] = (8,)
+    """Active latents per row."""
+    steps: int = 1000
+    """Training steps per grid point."""
+    batch_size: int = 1024
+    """Rows per step."""
+    seed: int = 0
+    """Seed of every run."""
+    max_eval_rows: int | None = None
+    """Evaluate each run on at most this many rows."""
+    device: str = "auto"
+    """'auto', 'cpu', 'cuda'."""
+
+
+@dataclass(frozen=True)
 class SynthConfig:
     """Write a synthetic universal-concept world as a store (plus its ground truth)."""
 

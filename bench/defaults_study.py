@@ -147,6 +147,17 @@ RESULT_FIELDS = FIELDS + [
 ]
 DEFAULT_RUN = {"warmup_frac": "default", "init": "data", "decoder_norm": "max1", "seed": 0}
 MULTS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+PROPOSED_LR = 3e-2  # the default this study arrived at: one LR for every n_latents and batch
+
+
+def reference_lr(n_latents: int) -> float:
+    """The LR rule under study (usae's default_lr when the study ran); multipliers are relative to
+    it. Kept here, fixed, so the CSV means the same after the library's default changes."""
+    return 1e-2 * math.sqrt(512 / n_latents)
+
+
+def proposed_mult(world: WorldSpec, lpc: int) -> float:
+    return PROPOSED_LR / reference_lr(lpc * world.n_concepts)
 
 
 def run(world: WorldSpec, lpc: int, batch: int, steps: int, mult: float, **kw) -> dict:
@@ -195,6 +206,17 @@ def grid(worlds: list[WorldSpec], quick: bool) -> list[dict]:
     for w in worlds:
         for m in (0.5, 1.0, 2.0, 4.0) if w.name in ("wide2", "noisy") else (1.0, 4.0):
             runs.append(("seeds", run(w, 4, 1024, 1500, m, seed=1)))
+    # the proposed default (PROPOSED_LR at every size), checked where the sweeps did not reach
+    for w in worlds:
+        for seed in (0, 1) if w.name != "wide2" else (0,):
+            runs.append(("proposed", run(w, 4, 1024, 1500, proposed_mult(w, 4), seed=seed)))
+    n4 = by["narrow4"]
+    for f in ({"warmup_frac": 0.0}, {"warmup_frac": 0.2}, {"init": "random"}):
+        runs.append(("proposed", run(n4, 4, 1024, 1500, proposed_mult(n4, 4), **f)))
+    for m in (1.0, 2.0):  # batch 4096 at the same number of steps (4x the tokens)
+        runs.append(("proposed", run(base, 4, 4096, 1500, m * proposed_mult(base, 4))))
+    for m in (1.0, proposed_mult(base, 32)):  # 4096 latents: the old rule vs the proposed LR
+        runs.append(("proposed", run(base, 32, 1024, 1500, m)))
     return _merge(runs)
 
 
@@ -280,7 +302,7 @@ def train_one(args: tuple[dict, str, dict]) -> dict:
     from usae.config import TrainConfig
     from usae.store import open_store
     from usae.synth import load_truth, recovery
-    from usae.train import default_lr, fit
+    from usae.train import fit
 
     tmp = Path(tmp)
     spec = WorldSpec(**spec_d)
@@ -289,7 +311,7 @@ def train_one(args: tuple[dict, str, dict]) -> dict:
         _WORKER["truth"] = (spec.name, load_truth(truth_path))
     truth = _WORKER["truth"][1]
     steps, n_latents = int(r["steps"]), int(r["n_latents"])
-    lr = float(r["lr_mult"]) * default_lr(n_latents) if "lr" not in r else float(r["lr"])
+    lr = float(r["lr_mult"]) * reference_lr(n_latents)
     warmup = None if r["warmup_frac"] == "default" else int(round(float(r["warmup_frac"]) * steps))
     out = tmp / "runs" / f"{os.getpid()}"
     cfg = TrainConfig(
@@ -372,7 +394,7 @@ def run_study(csv_path: Path, quick: bool, jobs: int, threads: int, keep_tmp: Pa
                     print(
                         f"[{i + 1}/{len(tasks)} {time.time() - t0:6.0f}s] {res['world']} "
                         f"s={res['n_latents']} b={res['batch_size']} steps={res['steps']} "
-                        f"x{res['lr_mult']} wu={res['warmup_frac']} {res['init']} "
+                        f"x{res['lr_mult']:.3g} lr={res['lr']:.3g} wu={res['warmup_frac']} {res['init']} "
                         f"{res['decoder_norm']} seed={res['seed']}: "
                         f"U/P/S {res['rec_universal']:.2f}/{res['rec_partial']:.2f}/"
                         f"{res['rec_specific']:.2f} fvu {res['fvu_self']:.3f}/"
@@ -458,8 +480,7 @@ def _cell(r: dict | None) -> str:
 
 
 def analyze(csv_path: Path) -> str:
-    from usae.train import default_lr
-
+    default_lr = reference_lr
     rows = read_csv(csv_path)
     out: list[str] = []
     p = out.append

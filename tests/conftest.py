@@ -8,7 +8,7 @@ import torch
 from usae.store import write_store
 from usae.synth import make_world
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # CI has 2 cores; 1 thread avoids oversubscription under load
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ import torch
 import tyro
 
 from usae.baselines import (
-    BaselineConfig,
     CKASums,
     CorrelationSums,
     Matching,
@@ -21,7 +20,7 @@ from usae.baselines import (
     run_baselines,
     stitch_dictionaries,
 )
-from usae.config import TrainConfig
+from usae.config import BaselineConfig, TrainConfig
 from usae.errors import UsaeError
 from usae.sae import SparseCode
 from usae.store import write_store

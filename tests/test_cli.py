@@ -45,7 +45,7 @@ def test_synth_train_evaluate(tmp_path, capsys):
                 str(run),
                 str(store),
                 "--out",
-                str(tmp_path / "report.json"),
+                str(tmp_path),
                 "--no-progress",
             ]
         )
@@ -89,3 +89,25 @@ def test_help_documents_flags():
     ):
         assert flag in out.stdout
     assert "Active concepts per token" in out.stdout
+
+
+def test_baseline_then_evaluate_two_stores(tmp_path, capsys):
+    store, shifted, run = tmp_path / "store", tmp_path / "shifted", tmp_path / "run"
+    for path, seed in ((store, "0"), (shifted, "1")):
+        assert (
+            main(["synth", str(path), "--widths", "16", "24", "--n-rows", "3000", "--n-partial", "0", "--seed", seed])
+            == 0
+        )
+    train = ["train", str(store), "--out", str(run), "--n-latents", "32", "--k", "4", "--steps", "40"]
+    assert main([*train, "--batch-size", "256", "--no-progress"]) == 0
+    truth = tmp_path / "store.truth.safetensors"
+    assert (
+        main(["baseline", str(run), str(store), "--similarity-rows", "300", "--truth", str(truth), "--no-progress"])
+        == 0
+    )
+    assert (run / "baselines" / "a" / "model.safetensors").is_file()
+    assert "dictionary agreement" in capsys.readouterr().out
+    assert main(["evaluate", str(run), str(store), str(shifted), "--out", str(tmp_path / "rep"), "--no-progress"]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "| | store | shifted |" in md and "## Baselines" in md
+    assert (tmp_path / "rep" / "report-store.json").is_file() and (tmp_path / "rep" / "matching.png").is_file()

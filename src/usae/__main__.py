@@ -10,7 +10,15 @@ from pathlib import Path
 
 import tyro
 
-from usae.config import AblateConfig, DemoConfig, EvalConfig, SynthConfig, TrainConfig, write_json_atomic
+from usae.config import (
+    AblateConfig,
+    BaselineConfig,
+    DemoConfig,
+    EvalConfig,
+    SynthConfig,
+    TrainConfig,
+    write_json_atomic,
+)
 from usae.errors import UsaeError
 
 log = logging.getLogger("usae")
@@ -55,8 +63,38 @@ def train(cfg: TrainConfig) -> None:
 def evaluate(cfg: EvalConfig) -> None:
     from usae.evaluate import evaluate_cli
 
-    report = evaluate_cli(cfg)
-    print(format_summary(report))
+    reports = evaluate_cli(cfg)
+    for report in reports:
+        if len(reports) > 1:
+            print(f"\n== store {report['store']['path']}")
+        print(format_summary(report))
+    if cfg.report:
+        print(f"\nreport: {(cfg.out or cfg.run) / 'report.md'}")
+
+
+def baseline(cfg: BaselineConfig) -> None:
+    from usae.baselines import baseline_cli
+
+    print(format_baselines(baseline_cli(cfg)))
+
+
+def format_baselines(result: dict) -> str:
+    """A short text summary of RUN/baselines.json."""
+    lines = ["latent matching (fraction of pairs with activation correlation > threshold)"]
+    for p in result["matching"]:
+        ind, usae = p["independent"], p["usae_same_index"]
+        lines.append(
+            f"  {' / '.join(p['models'])}: independent+Hungarian {ind['matched_fraction']:.3f}, USAE {usae['matched_fraction']:.3f}"
+        )
+    lines.append("dictionary agreement, USAE vs independent (cosine > 0.5 after Hungarian; random directions)")
+    for name, a in result["dictionary_agreement"].items():
+        lines.append(f"  {name}: {a['fraction_above']:.3f} (random {a['random_fraction_above']:.3f})")
+    if "recovery" in result:
+        rec = result["recovery"]
+        lines.append(
+            f"planted universal concepts recovered: USAE {rec['usae']['universal']:.3f}, independent {rec['independent_matched']['universal']:.3f}"
+        )
+    return "\n".join(lines)
 
 
 def format_summary(report: dict) -> str:
@@ -129,10 +167,18 @@ COMMANDS = {
     "synth": SynthConfig,
     "train": TrainConfig,
     "evaluate": EvalConfig,
+    "baseline": BaselineConfig,
     "ablate": AblateConfig,
     "demo": DemoConfig,
 }
-HANDLERS = {"synth": synth, "train": train, "evaluate": evaluate, "ablate": ablate, "demo": demo}
+HANDLERS = {
+    "synth": synth,
+    "train": train,
+    "evaluate": evaluate,
+    "baseline": baseline,
+    "ablate": ablate,
+    "demo": demo,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,19 +21,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-import tyro
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from usae.checkpoint import MODEL_NAME, load, read_run_config
-from usae.config import write_json_atomic
+from usae.config import BaselineConfig, write_json_atomic
 from usae.errors import UsaeError
 from usae.sae import SparseCode, UniversalSAE
 from usae.store import Store, open_store
@@ -46,53 +44,6 @@ BASELINES_DIR = "baselines"
 BASELINES_JSON = "baselines.json"
 
 
-@dataclass(frozen=True)
-class BaselineConfig:
-    """Train independent per-model SAEs beside a run and compare them with the universal SAE."""
-
-    run: tyro.conf.Positional[Path]
-    """Run directory (from `usae train`). Independent SAEs go to RUN/baselines/<model>/, results to
-    RUN/baselines.json."""
-    store: tyro.conf.Positional[Path]
-    """Paired activation store to train the independent SAEs on and to compare over (the run's store)."""
-    max_rows: int | None = None
-    """Stream only the first N rows for latent matching and sample similarity rows from them."""
-    batch_size: int = 8192
-    """Rows per streamed batch."""
-    similarity_rows: int = 2048
-    """Rows sampled (seeded) for CKA and mutual k-NN; k-NN holds an (n, n) similarity matrix."""
-    knn_k: int = 10
-    """Neighbours per row for mutual k-NN alignment."""
-    match_threshold: float = 0.5
-    """A matched latent pair counts as matched when its activation correlation exceeds this."""
-    cosine_threshold: float = 0.5
-    """USAE and independent dictionary rows agree when their cosine exceeds this (the paper's 0.5)."""
-    truth: Path | None = None
-    """Ground truth of a synthetic store (STORE.truth.safetensors): adds planted-concept recovery."""
-    retrain: bool = False
-    """Retrain the independent SAEs even when RUN/baselines/<model>/model.safetensors exists."""
-    seed: int = 0
-    """Seed for the similarity rows and the random-direction baseline."""
-    device: str = "auto"
-    """'auto', 'cpu', 'cuda', ..."""
-    progress: bool = True
-    """Show progress bars."""
-
-    def __post_init__(self) -> None:
-        checks = {
-            "max_rows": self.max_rows is None or self.max_rows >= 2,
-            "batch_size": self.batch_size >= 1,
-            "similarity_rows": self.similarity_rows >= 2,
-            "knn_k": self.knn_k >= 1,
-            "match_threshold": -1.0 <= self.match_threshold <= 1.0,
-            "cosine_threshold": -1.0 <= self.cosine_threshold <= 1.0,
-        }
-        for name, ok in checks.items():
-            if not ok:
-                raise UsaeError(f"baseline config: invalid {name}={getattr(self, name)!r}")
-
-
-# -- representation similarity --------------------------------------------------------------------
 def _as_f64(x: Any) -> Tensor:
     return torch.as_tensor(x).double() if not isinstance(x, Tensor) else x.double()
 

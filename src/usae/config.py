@@ -174,20 +174,36 @@ class EvalConfig:
 
     run: tyro.conf.Positional[Path]
     """Run directory (from `usae train`)."""
-    store: tyro.conf.Positional[Path]
-    """Paired activation store with the run's models."""
+    stores: tyro.conf.Positional[tuple[Path, ...]]
+    """One or more paired activation stores with the run's models; several are reported side by
+    side (dataset shift)."""
     out: Path | None = None
-    """Where to write report.json (default: RUN/report.json)."""
+    """Directory for report.json (report-<store>.json per store when several), report.md and the
+    figures (default: RUN)."""
     batch_size: int = 8192
     """Rows per streamed batch."""
     max_rows: int | None = None
     """Evaluate only the first N rows."""
     tau: float = 0.1
     """A latent fires when its code exceeds tau."""
+    min_rate: float = 1e-4
+    """A model uses a concept that fires on at least this fraction of rows (concept classes)."""
+    universal_fe: float = 0.8
+    """A concept used by every model is universal when its firing entropy is at least this."""
+    report: bool = True
+    """Also write report.md and PNG figures (RUN/baselines.json, if present, is included)."""
     device: str = "auto"
     """'auto', 'cpu', 'cuda', ..."""
     progress: bool = True
     """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        if not self.stores:
+            raise UsaeError("evaluate: give at least one store")
+        if not 0.0 <= self.universal_fe <= 1.0 or not 0.0 <= self.min_rate <= 1.0:
+            raise UsaeError(
+                f"evaluate: min_rate and universal_fe must be in [0, 1], got {self.min_rate}, {self.universal_fe}"
+            )
 
 
 @dataclass(frozen=True)
@@ -216,6 +232,55 @@ class AblateConfig:
     """Evaluate each run on at most this many rows."""
     device: str = "auto"
     """'auto', 'cpu', 'cuda'."""
+
+
+@dataclass(frozen=True)
+class BaselineConfig:
+    """Train independent per-model SAEs beside a run and compare them with the universal SAE."""
+
+    run: tyro.conf.Positional[Path]
+    """Run directory (from `usae train`). Independent SAEs go to RUN/baselines/<model>/, results to
+    RUN/baselines.json."""
+    store: tyro.conf.Positional[Path]
+    """Paired activation store to train the independent SAEs on and to compare over (the run's store)."""
+    max_rows: int | None = None
+    """Stream only the first N rows for latent matching and sample similarity rows from them."""
+    batch_size: int = 8192
+    """Rows per streamed batch."""
+    similarity_rows: int = 2048
+    """Rows sampled (seeded) for CKA and mutual k-NN; k-NN holds an (n, n) similarity matrix."""
+    knn_k: int = 10
+    """Neighbours per row for mutual k-NN alignment."""
+    match_threshold: float = 0.5
+    """A matched latent pair counts as matched when its activation correlation exceeds this."""
+    cosine_threshold: float = 0.5
+    """USAE and independent dictionary rows agree when their cosine exceeds this (the paper's 0.5)."""
+    truth: Path | None = None
+    """Ground truth of a synthetic store (STORE.truth.safetensors): adds planted-concept recovery."""
+    retrain: bool = False
+    """Retrain the independent SAEs even when RUN/baselines/<model>/model.safetensors exists."""
+    seed: int = 0
+    """Seed for the similarity rows and the random-direction baseline."""
+    device: str = "auto"
+    """'auto', 'cpu', 'cuda', ..."""
+    progress: bool = True
+    """Show progress bars."""
+
+    def __post_init__(self) -> None:
+        checks = {
+            "max_rows": self.max_rows is None or self.max_rows >= 2,
+            "batch_size": self.batch_size >= 1,
+            "similarity_rows": self.similarity_rows >= 2,
+            "knn_k": self.knn_k >= 1,
+            "match_threshold": -1.0 <= self.match_threshold <= 1.0,
+            "cosine_threshold": -1.0 <= self.cosine_threshold <= 1.0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise UsaeError(f"baseline config: invalid {name}={getattr(self, name)!r}")
+
+
+# -- representation similarity --------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -322,7 +387,9 @@ def _coerce(tp: Any, v: Any, where: str) -> Any:
         inner = args[0] if len(args) == 2 and args[1] is Ellipsis else None
         if inner is None and len(args) != len(v):
             raise UsaeError(f"{where}: expected {len(args)} items, got {len(v)}")
-        return tuple(_coerce(inner or a, x, where) for a, x in zip(args or [None] * len(v), v, strict=False))
+        # a variadic tuple[X, ...] has args (X, Ellipsis): coerce every item as X, not zip with args
+        item_types = [inner] * len(v) if inner is not None else list(args) or [None] * len(v)
+        return tuple(_coerce(t, x, where) for t, x in zip(item_types, v, strict=True))
     if origin is dict:
         if not isinstance(v, dict):
             raise UsaeError(f"{where}: expected an object, got {v!r}")

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from usae import metrics
 from usae.checkpoint import load
-from usae.config import EvalConfig, write_json_atomic
+from usae.config import EvalConfig, read_json, write_json_atomic
 from usae.errors import UsaeError
 from usae.sae import SparseCode, UniversalSAE
 from usae.store import Store, open_store
@@ -80,6 +80,8 @@ def evaluate_sae(
     batch_size: int = 8192,
     max_rows: int | None = None,
     tau: float = 0.1,
+    min_rate: float = 1e-4,
+    universal_fe: float = 0.8,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Stream ``store`` through ``sae`` and return the report dict (see ``evaluate``)."""
@@ -102,10 +104,12 @@ def evaluate_sae(
         _accumulate(sae, x, means, tau, acc)
         bar.update(next(iter(batch.values())).shape[0])
     bar.close()
-    return _report(sae, store, acc, tau)
+    return _report(sae, store, acc, tau, min_rate, universal_fe)
 
 
-def _report(sae: UniversalSAE, store: Store, acc: _Sums, tau: float) -> dict[str, Any]:
+def _report(
+    sae: UniversalSAE, store: Store, acc: _Sums, tau: float, min_rate: float, universal_fe: float
+) -> dict[str, Any]:
     names, n = sae.model_names, acc.n_rows
     sst_m = torch.stack([acc.sum_yy[j] - acc.sum_y[d].square().sum() / n for j, d in enumerate(names)])
     r2_mm = metrics.r2_from_sums(acc.sse_mm, sst_m[None, :])
@@ -113,7 +117,7 @@ def _report(sae: UniversalSAE, store: Store, acc: _Sums, tau: float) -> dict[str
     cfp_ms = metrics.cofire_proportion(acc.cofires_s, acc.fires_ms)
     dict_norm_ms = torch.stack([sae.dictionary(nm).norm(dim=1).double() for nm in names]).to(acc.sum_z_ms)
     energy_ms = metrics.energy(acc.sum_z_ms / n, dict_norm_ms)
-    labels = metrics.classify_latents(acc.fires_ms, n)
+    labels = metrics.classify_latents(acc.fires_ms, n, min_rate, universal_fe)
     classes = {c: labels.count(c) for c in ("universal", "partial", "specific", "dead")}
     off_diag = [float(r2_mm[i, j]) for i in range(len(names)) for j in range(len(names)) if i != j]
     return {
@@ -143,7 +147,8 @@ def _report(sae: UniversalSAE, store: Store, acc: _Sums, tau: float) -> dict[str
         "classes": {
             "counts": classes,
             "labels": labels,
-            "rule": "used by a model = fires on >= 1e-4 of rows",
+            "rule": f"used by a model = fires on >= {min_rate} of rows; universal = used by all, FE >= {universal_fe}",
+            "thresholds": {"min_rate": min_rate, "universal_fe": universal_fe},
         },
     }
 
@@ -180,14 +185,38 @@ def evaluate(
     return report
 
 
-def evaluate_cli(cfg: EvalConfig) -> dict[str, Any]:
+def evaluate_cli(cfg: EvalConfig) -> list[dict[str, Any]]:
+    """``usae evaluate RUN STORE [STORE ...]``: one report.json per store, then report.md + figures."""
     sae = load(cfg.run, device=resolve_device(cfg.device))
-    return evaluate(
-        sae,
-        cfg.store,
-        out=cfg.out or cfg.run / "report.json",
-        batch_size=cfg.batch_size,
-        max_rows=cfg.max_rows,
-        tau=cfg.tau,
-        progress=cfg.progress,
-    )
+    out_dir = cfg.out or cfg.run
+    out_dir.mkdir(parents=True, exist_ok=True)
+    reports = []
+    for store, json_name in zip(cfg.stores, _report_names(cfg.stores), strict=True):
+        reports.append(
+            evaluate(
+                sae,
+                store,
+                out=out_dir / json_name,
+                batch_size=cfg.batch_size,
+                max_rows=cfg.max_rows,
+                tau=cfg.tau,
+                min_rate=cfg.min_rate,
+                universal_fe=cfg.universal_fe,
+                progress=cfg.progress,
+            )
+        )
+    if cfg.report:
+        from usae.report import write_report  # matplotlib only when rendering
+
+        baselines_path = cfg.run / "baselines.json"
+        baselines = read_json(baselines_path, "baselines") if baselines_path.is_file() else None
+        write_report(reports, out_dir, baselines)
+    return reports
+
+
+def _report_names(stores: tuple[Path, ...]) -> list[str]:
+    """report.json for one store; report-<store dir name>.json per store (numbered on repeats)."""
+    if len(stores) == 1:
+        return ["report.json"]
+    names = [Path(s).name for s in stores]
+    return [f"report-{n}.json" if names.count(n) == 1 else f"report-{n}-{i + 1}.json" for i, n in enumerate(names)]

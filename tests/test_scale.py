@@ -96,3 +96,14 @@ def test_extend_refuses_a_store_without_the_runs_models(small_store, tmp_path):
                 store=small_store, out=tmp_path / "ext2", extend=tmp_path / "run", **(common | {"n_latents": 16})
             )
         )
+
+
+def test_eight_models_in_one_universe(tmp_path):
+    widths = {f"m{i}": 16 + 4 * i for i in range(8)}
+    world = make_world(widths, n_rows=8000, n_universal=16, n_partial=8, n_specific=8, k_active=3, seed=2)
+    store = write_store(tmp_path / "s", world.data, dtype="float32")
+    result = fit(
+        TrainConfig(store=store, out=tmp_path / "run", n_latents=96, k=4, steps=800, batch_size=256, progress=False)
+    )
+    rec = recovery({n: result.sae.dictionary(n).numpy() for n in widths}, world)
+    assert rec["universal"] >= 0.9, rec

@@ -6,9 +6,13 @@ recovery (cosine > 0.9 in every owning model, per kind), reconstruction FVU and 
 go to a CSV (one row per run, appended as runs finish; an interrupted study resumes where it
 stopped) and the summary tables of ``docs/defaults.md`` are printed from it.
 
-    .venv/bin/python bench/defaults_study.py            # full study (~45 min on 2 CPU cores)
-    .venv/bin/python bench/defaults_study.py --quick    # smoke test (~1 min)
+    .venv/bin/python bench/defaults_study.py            # full study: 133 runs, ~2.4 h of
+                                                        # 1-thread training, 2 runs at a time
+    .venv/bin/python bench/defaults_study.py --quick    # smoke test (~15 s)
     .venv/bin/python bench/defaults_study.py --analyze  # tables from an existing CSV only
+
+LR multipliers are relative to ``reference_lr`` (the rule the study tested, 1e-2·sqrt(512/s)),
+fixed in this file so the CSV keeps its meaning after the library default changes.
 
 Blocks (each run is one TrainConfig; configurations shared by blocks run once):
 
@@ -21,6 +25,9 @@ Blocks (each run is one TrainConfig; configurations shared by blocks run once):
 * ``budget``: world ``base`` at 500 and 4000 steps x LR multipliers (does the best LR move with
   the number of steps?).
 * ``seeds``: training seed 1 for the headline LR comparison on every world.
+* ``proposed``: the chosen default (``PROPOSED_LR`` at every size) on every world and both seeds,
+  with warmup 0 / 20 % and random init on the hardest world, at batch 4096 (LR x1 and x2) and at
+  4096 latents against the old rule.
 """
 
 from __future__ import annotations
@@ -126,7 +133,7 @@ QUICK_WORLDS = [
 ]
 
 # -- grid ---------------------------------------------------------------------------------------
-FIELDS = "world n_latents batch_size steps lr_mult warmup_frac init decoder_norm seed".split()
+FIELDS = ["world", "n_latents", "batch_size", "steps", "lr_mult", "warmup_frac", "init", "decoder_norm", "seed"]
 RESULT_FIELDS = FIELDS + [
     "n_models",
     "n_concepts",
@@ -297,7 +304,6 @@ def _fvu(sae, store, n_rows: int = 8192) -> tuple[float, float]:
 
 def train_one(args: tuple[dict, str, dict]) -> dict:
     r, tmp, spec_d = args
-    import torch
 
     from usae.config import TrainConfig
     from usae.store import open_store
@@ -497,6 +503,8 @@ def analyze(csv_path: Path) -> str:
     )
     sweeps: dict = {}
     for r in _select(rows, **dflt):
+        if r["blocks"] == "proposed":  # off-grid LRs; shown in their own table
+            continue
         sweeps.setdefault((r["world"], r["n_latents"], r["batch_size"], r["steps"]), []).append(r)
     sweeps = {k: v for k, v in sweeps.items() if len(v) >= 3}
     mults = sorted({r["lr_mult"] for v in sweeps.values() for r in v})
@@ -532,6 +540,7 @@ def analyze(csv_path: Path) -> str:
     p("\n('+': the range reaches the largest multiplier tried.)\n")
 
     p("### Absolute LRs of the good range\n")
+    p("Low edge interpolated; high edge: the largest good LR tried ('+': the largest tried).\n")
     p("| world | latents | latents/concept | batch | steps | low edge | best | high edge |")
     p("|---|---|---|---|---|---|---|---|")
     for e in edges:
@@ -552,23 +561,55 @@ def analyze(csv_path: Path) -> str:
             f"(batch/1024)^{coef[2]:+.2f}\n"
         )
 
+    # the proposed default against the old rule, config by config
+    prop = [r for r in rows if "proposed" in r["blocks"] and r["lr_mult"] != 1.0]
+    if prop:
+        p(f"### The proposed default LR {PROPOSED_LR:g} vs the old rule\n")
+        p("Same configuration at the old rule's LR (x1) where the grid has it; '·' = not run.\n")
+        p(
+            "| world | latents | batch | steps | variant | seed | old rule: LR; U/P/S; FVU | "
+            f"{PROPOSED_LR:g}: U/P/S; FVU |"
+        )
+        p("|---|---|---|---|---|---|---|---|")
+        for r in sorted(
+            prop, key=lambda r: (order.get(r["world"], 99), r["n_latents"], r["batch_size"], r["lr"], r["seed"])
+        ):
+            variant = (
+                ", ".join(f"{k} {r[k]}" for k in ("warmup_frac", "init", "decoder_norm") if str(r[k]) != str(dflt[k]))
+                or "default"
+            )
+            if abs(r["lr"] - PROPOSED_LR) > 1e-9:
+                variant += f"; LR {r['lr']:.2g}"
+            sel = {k: r[k] for k in FIELDS if k != "lr_mult"}
+            old_r = [q for q in _select(rows, **sel) if q["lr_mult"] == 1.0]
+            p(
+                f"| {r['world']} | {r['n_latents']} | {r['batch_size']} | {r['steps']} | {variant} | "
+                f"{r['seed']} | " + (f"{old_r[0]['lr']:.2g}; {_cell(old_r[0])}" if old_r else "·") + f" | {_cell(r)} |"
+            )
+        p("")
+
     # seed-averaged headline
-    hm = sorted({r["lr_mult"] for r in rows if r["seed"] == 1})
+    hm = [0.5, 1.0, 2.0, 4.0]
     p("### Two training seeds (4x latents, batch 1024, 1500 steps)\n")
-    p("Mean over seeds 0 and 1: % recovered universal/partial/specific; FVU self.\n")
-    p("| world | " + " | ".join(f"x{m:g}" for m in hm) + " |")
-    p("|---|" + "---|" * len(hm))
+    p(f"Mean over seeds 0 and 1: % recovered universal/partial/specific; FVU self. Last column: LR {PROPOSED_LR:g}.\n")
+    p("| world | " + " | ".join(f"x{m:g}" for m in hm) + f" | {PROPOSED_LR:g} |")
+    p("|---|" + "---|" * (len(hm) + 1))
     for w in worlds:
         cells = []
-        for m in hm:
+        for m in hm + [None]:
             rs = [
                 r
-                for r in _select(rows, **dict(dflt, world=w, batch_size=1024, steps=1500, lr_mult=m))
-                if r["latents_per_concept"] == 4
+                for r in rows
+                if r["world"] == w
+                and r["batch_size"] == 1024
+                and r["steps"] == 1500
+                and r["latents_per_concept"] == 4
+                and r["seed"] in (0, 1)
+                and all(str(r[k]) == str(dflt[k]) for k in ("warmup_frac", "init", "decoder_norm"))
+                and (r["lr_mult"] == m if m is not None else abs(r["lr"] - PROPOSED_LR) < 1e-9)
             ]
-            rs = [r for r in rs if r["seed"] in (0, 1)]
             if len(rs) < 2:
-                cells.append("")
+                cells.append(_cell(rs[0]) + " (seed 0)" if rs else "")
                 continue
             cells.append(
                 "/".join(_pct(_mean(rs, f"rec_{k}")) for k in ("universal", "partial", "specific"))
@@ -586,7 +627,7 @@ def analyze(csv_path: Path) -> str:
         ("init random", {"init": "random"}),
         ("decoder unit", {"decoder_norm": "unit"}),
     ]
-    for m in sorted({r["lr_mult"] for r in rows if r["init"] == "random"}):
+    for m in (1.0, 2.0):
         p(f"LR multiplier x{m:g}:\n")
         p("| variant | " + " | ".join(worlds) + " |")
         p("|---|" + "---|" * len(worlds))

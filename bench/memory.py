@@ -50,7 +50,8 @@ def child(store: str, out: str, steps: int, shuffle_mb: int) -> None:
     )
     usae.fit(cfg)
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent through fork/exec.
-    hwm_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
+    status = Path("/proc/self/status").read_text().splitlines()
+    hwm_kb = next(int(line.split()[1]) for line in status if line.startswith("VmHWM"))
     print(json.dumps({"max_rss_mb": hwm_kb / 1024}))
 
 

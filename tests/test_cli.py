@@ -74,6 +74,18 @@ def test_errors_are_one_line(tmp_path, capsys, argv, message):
     assert len(err) == 1 and err[0].startswith("usae: error:") and message in err[0]
 
 
+def test_evaluate_out_json_names_the_report_file(small_store, tmp_path):
+    run = tmp_path / "run"
+    args = ["train", str(small_store), "--out", str(run), "--n-latents", "32", "--k", "4", "--steps", "10"]
+    assert main([*args, "--batch-size", "256", "--no-progress"]) == 0
+    out = tmp_path / "reports" / "report.json"
+    assert main(["evaluate", str(run), str(small_store), "--out", str(out), "--no-progress"]) == 0
+    report = json.loads(out.read_text())
+    for key in ("r2_matrix", "fvu", "l0", "dead_fraction", "firing_entropy", "cofiring", "energy"):
+        assert key in report
+    assert (tmp_path / "reports" / "report.md").is_file()
+
+
 def test_help_documents_flags():
     out = subprocess.run([sys.executable, "-m", "usae", "train", "--help"], capture_output=True, text=True)
     assert out.returncode == 0

@@ -179,7 +179,8 @@ class EvalConfig:
     side (dataset shift)."""
     out: Path | None = None
     """Directory for report.json (report-<store>.json per store when several), report.md and the
-    figures (default: RUN)."""
+    figures (default: RUN); or a path ending in .json: the report file itself, with report.md and
+    the figures beside it."""
     batch_size: int = 8192
     """Rows per streamed batch."""
     max_rows: int | None = None

@@ -188,15 +188,15 @@ def evaluate(
 def evaluate_cli(cfg: EvalConfig) -> list[dict[str, Any]]:
     """``usae evaluate RUN STORE [STORE ...]``: one report.json per store, then report.md + figures."""
     sae = load(cfg.run, device=resolve_device(cfg.device))
-    out_dir = cfg.out or cfg.run
+    out_dir, json_paths = _report_paths(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     reports = []
-    for store, json_name in zip(cfg.stores, _report_names(cfg.stores), strict=True):
+    for store, json_path in zip(cfg.stores, json_paths, strict=True):
         reports.append(
             evaluate(
                 sae,
                 store,
-                out=out_dir / json_name,
+                out=json_path,
                 batch_size=cfg.batch_size,
                 max_rows=cfg.max_rows,
                 tau=cfg.tau,
@@ -212,6 +212,21 @@ def evaluate_cli(cfg: EvalConfig) -> list[dict[str, Any]]:
         baselines = read_json(baselines_path, "baselines") if baselines_path.is_file() else None
         write_report(reports, out_dir, baselines)
     return reports
+
+
+def _report_paths(cfg: EvalConfig) -> tuple[Path, list[Path]]:
+    """(directory for report.md and figures, one report JSON path per store).
+
+    ``--out X.json`` names the report file itself (the issue's contract: ``--out report.json``);
+    any other ``--out`` is a directory.
+    """
+    if cfg.out is not None and cfg.out.suffix == ".json":
+        out_dir = cfg.out.parent
+        if len(cfg.stores) == 1:
+            return out_dir, [cfg.out]
+        return out_dir, [out_dir / n.replace("report", cfg.out.stem, 1) for n in _report_names(cfg.stores)]
+    out_dir = cfg.out or cfg.run
+    return out_dir, [out_dir / n for n in _report_names(cfg.stores)]
 
 
 def _report_names(stores: tuple[Path, ...]) -> list[str]:

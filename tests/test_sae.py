@@ -25,6 +25,14 @@ def test_encode_has_k_nonzeros_and_decodes_every_model():
     assert set(out) == {"a", "b"} and out["b"].shape == (50, 20)
 
 
+def test_encode_accepts_numpy_and_other_dtypes():
+    sae = make()
+    x = torch.randn(5, 12, dtype=torch.float64)
+    z = sae.encode("a", x.numpy())
+    torch.testing.assert_close(z, sae.encode("a", x.float()))
+    torch.testing.assert_close(sae.decode("b", z.float()), sae.decode("b", z))
+
+
 def test_sparse_decode_matches_dense_forward_and_gradients():
     sae = make()
     x = torch.randn(30, 12, dtype=torch.float64)

@@ -301,13 +301,19 @@ class UniversalSAE(nn.Module):
         return self.activate(name, self.pre_activation(name, self.normalize(name, x_bd)))
 
     def encode(self, name: str, x_bd: Tensor) -> Tensor:
-        """Raw activations (b, d_name) -> dense code (b, n_latents) with k non-zeros per row (TopK)."""
+        """Raw activations (b, d_name) -> dense code (b, n_latents) with k non-zeros per row (TopK).
+
+        ``x_bd`` may be any tensor or array; it is moved to the SAE's dtype and device.
+        """
+        x_bd = self._as_param_tensor(x_bd)
         self._check_input(name, x_bd)
         code = self.encode_sparse(name, x_bd)
         return code.to_dense(self.n_latents) if isinstance(code, SparseCode) else code
 
     def decode(self, name: str, z_bs: Tensor | SparseCode) -> Tensor:
         """Code (b, n_latents) -> (b, d_name) reconstruction of model ``name`` in raw units."""
+        if not isinstance(z_bs, SparseCode):
+            z_bs = self._as_param_tensor(z_bs)
         if isinstance(z_bs, Tensor) and (z_bs.ndim != 2 or z_bs.shape[1] != self.n_latents):
             raise UsaeError(f"decode: code must be (n, {self.n_latents}), got {tuple(z_bs.shape)}")
         return self.denormalize(name, self.decode_normalized(name, z_bs))
@@ -324,6 +330,10 @@ class UniversalSAE(nn.Module):
         """
         h = self.head(name)
         return h.W_dec.detach() * h.scale_d
+
+    def _as_param_tensor(self, x: Tensor) -> Tensor:
+        p = next(self.parameters())
+        return torch.as_tensor(x, dtype=p.dtype, device=p.device)
 
     def _check_input(self, name: str, x_bd: Tensor) -> None:
         d = self.head(name).W_dec.shape[1]

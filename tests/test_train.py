@@ -174,3 +174,20 @@ def test_nan_in_store_is_refused(tmp_path):
     with pytest.raises(UsaeError, match="row 17"):
         write_store(tmp_path / "s", {"a": x, "b": x})
     assert not (tmp_path / "s").exists()
+
+
+def test_fit_many_equals_separate_fits(small_store, tmp_path):
+    """Runs trained in lockstep on one pass over the store equal runs trained alone."""
+    from usae.train import fit_many
+
+    cfgs = [
+        cfg_for(small_store, tmp_path / "a", steps=25, rule="random-source", n_latents=64),
+        cfg_for(small_store, tmp_path / "b", steps=25, rule="crosscoder", n_latents=32, k=2),
+    ]
+    together = fit_many(cfgs)
+    alone = [fit(dataclasses.replace(c, out=c.out.with_name(c.out.name + "-alone"))) for c in cfgs]
+    for t, a in zip(together, alone, strict=True):
+        for key, value in a.sae.state_dict().items():
+            assert torch.equal(value, t.sae.state_dict()[key]), key
+    with pytest.raises(UsaeError, match="differ in 'batch_size'"):
+        fit_many([cfgs[0], dataclasses.replace(cfgs[1], batch_size=128)])

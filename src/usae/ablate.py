@@ -2,7 +2,8 @@
 
 Each grid point is an ordinary run directory under OUT/runs/<name>; a point whose run already
 holds a report for the same resolved configuration is reused, not retrained, so an interrupted
-or extended sweep only trains what is missing. Results go to OUT/ablation.csv and
+or extended sweep only trains what is missing. Points that read the same data (same store and
+models) train together on one pass over the store. Results go to OUT/ablation.csv and
 OUT/ablation.md.
 """
 
@@ -24,7 +25,7 @@ from usae.config import AblateConfig, TrainConfig, write_json_atomic
 from usae.errors import UsaeError
 from usae.evaluate import evaluate
 from usae.store import open_store
-from usae.train import fit, resolved_train_dict
+from usae.train import DATA_FIELDS, fit_many, resolved_train_dict
 
 log = logging.getLogger(__name__)
 
@@ -93,18 +94,9 @@ def _finished(point: TrainConfig) -> dict[str, Any] | None:
     return result if same else None
 
 
-def run_point(point: TrainConfig, max_eval_rows: int | None) -> dict[str, Any]:
-    """Train and evaluate one grid point (or reuse it); return its table row."""
-    done = _finished(point)
-    if done is not None:
-        log.info("reusing %s", point.out)
-        return done
-    t0 = time.perf_counter()
-    fit(point)
-    seconds = time.perf_counter() - t0
-    report = evaluate(point.out, point.store, max_rows=max_eval_rows, progress=False)
+def _row(point: TrainConfig, report: dict[str, Any], tokens_per_s: float) -> dict[str, Any]:
     counts = report["classes"]["counts"]
-    row = {
+    return {
         "store": point.store.name,
         "rule": point.rule,
         "n_models": len(report["model_names"]),
@@ -114,24 +106,55 @@ def run_point(point: TrainConfig, max_eval_rows: int | None) -> dict[str, Any]:
         "r2_self_mean": report["r2_self_mean"],
         "universal_pct": 100 * counts["universal"] / point.n_latents,
         "dead_pct": 100 * report["dead_fraction_all"],
-        "tokens_per_s": point.steps * point.batch_size / seconds,
+        "tokens_per_s": tokens_per_s,
     }
-    write_json_atomic(point.out / "ablation.json", row)
-    return row
+
+
+def train_points(points: list[TrainConfig], max_eval_rows: int | None) -> list[dict[str, Any]]:
+    """Train the points (all sharing DATA_FIELDS) in one pass over their store, then evaluate each.
+
+    ``tokens_per_s`` of each point is its share of the group: steps * batch / (wall time / points).
+    """
+    t0 = time.perf_counter()
+    fit_many(points)
+    seconds_each = (time.perf_counter() - t0) / len(points)
+    rows = []
+    for point in points:
+        report = evaluate(point.out, point.store, max_rows=max_eval_rows, progress=False)
+        row = _row(point, report, point.steps * point.batch_size / seconds_each)
+        write_json_atomic(point.out / "ablation.json", row)
+        rows.append(row)
+    return rows
 
 
 def ablate(cfg: AblateConfig) -> list[dict[str, Any]]:
-    """Run the sweep; write OUT/ablation.csv and OUT/ablation.md; return the rows."""
+    """Run the sweep; write OUT/ablation.csv and OUT/ablation.md; return the rows in grid order.
+
+    Finished points are reused; the others are grouped by the data they read (store and models)
+    and each group trains in lockstep on one pass over its store (``fit_many``).
+    """
     points = grid(cfg)
-    rows = [run_point(p, cfg.max_eval_rows) for p in points]
+    rows: dict[Path, dict[str, Any]] = {}
+    todo: dict[tuple, list[TrainConfig]] = {}
+    for point in points:
+        done = _finished(point)
+        if done is not None:
+            log.info("reusing %s", point.out)
+            rows[point.out] = done
+        else:
+            todo.setdefault(tuple(getattr(point, f) for f in DATA_FIELDS), []).append(point)
+    for group in todo.values():
+        for point, row in zip(group, train_points(group, cfg.max_eval_rows), strict=True):
+            rows[point.out] = row
+    ordered = [rows[p.out] for p in points]
     cfg.out.mkdir(parents=True, exist_ok=True)
     with (cfg.out / "ablation.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
-        writer.writerows(rows)
-    (cfg.out / "ablation.md").write_text(format_table(rows))
+        writer.writerows(ordered)
+    (cfg.out / "ablation.md").write_text(format_table(ordered))
     write_json_atomic(cfg.out / "ablation-config.json", {k: str(v) for k, v in dataclasses.asdict(cfg).items()})
-    return rows
+    return ordered
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

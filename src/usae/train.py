@@ -291,18 +291,54 @@ def fit(cfg: TrainConfig) -> FitResult:
     Under torchrun (WORLD_SIZE > 1) every rank runs this; rows of each global batch are split
     across ranks, gradients averaged, and only rank 0 writes.
     """
-    store = open_store(cfg.store)
-    names = _check_models(cfg, store)
-    world, device = distributed.init(resolve_device(cfg.device))
+    return fit_many([cfg])[0]
+
+
+# Fields that fix which rows each step reads: runs that agree on them can share one pass.
+DATA_FIELDS = ("store", "models", "batch_size", "seed", "steps", "shuffle_buffer_mb", "device")
+
+
+def fit_many(cfgs: list[TrainConfig]) -> list[FitResult]:
+    """Train several runs in lockstep on one pass over the store (each batch is read once).
+
+    The configs may differ in anything but ``DATA_FIELDS`` (rule, n_latents, k, lr, ...), and must
+    all start fresh or all resume from the same step. Each run's result equals training it alone.
+    """
+    first = cfgs[0]
+    for cfg in cfgs[1:]:
+        for f in DATA_FIELDS:
+            if getattr(cfg, f) != getattr(first, f):
+                raise UsaeError(f"fit_many: runs differ in {f!r} ({getattr(cfg, f)!r} vs {getattr(first, f)!r})")
+    store = open_store(first.store)
+    names = _check_models(first, store)
+    world, device = distributed.init(resolve_device(first.device))
+    row_bytes = store.dtype.itemsize * sum(store.widths[n] for n in names)
+    window_rows = max(first.batch_size, first.shuffle_buffer_mb * 2**20 // row_bytes)
+    order = DataOrder(store.n_rows, first.batch_size, first.seed, window_rows=window_rows)
+    started = [_start_run(cfg, store, names, order, world, device) for cfg in cfgs]
+    if len({start for _, start in started}) > 1:
+        raise UsaeError("fit_many: the runs would resume from different steps; resume them one by one")
+    runs = [run for run, _ in started]
+    lasts = _loop(runs, Loader(store, names, order, device, world.rank, world.size), started[0][1])
+    results = []
+    for run, last in zip(runs, lasts, strict=True):
+        distributed.average_buffers_(run.sae, world)
+        if world.is_main:
+            ckpt_io.save_run(run.cfg.out, run.sae, run.run_cfg)
+        if run.cfg.save_every == 0 or run.cfg.steps % run.cfg.save_every != 0:
+            _save(run, run.cfg.steps)
+        results.append(FitResult(run.sae.eval(), run.cfg.out, last))
+    return results
+
+
+def _start_run(cfg: TrainConfig, store: Store, names: list[str], order: DataOrder, world: World, device):
+    """Build (or restore) one run's model, optimiser and state; returns (run, first step)."""
     if world.is_main:
         _prepare_run_dir(cfg)
     distributed.barrier(world)
     sae = build_sae(cfg, store, names, device)
     frozen = _load_frozen(cfg, sae) if cfg.extend is not None else []
     optimizer = make_optimizer(sae, cfg)
-    row_bytes = store.dtype.itemsize * sum(store.widths[n] for n in names)
-    window_rows = max(cfg.batch_size, cfg.shuffle_buffer_mb * 2**20 // row_bytes)
-    order = DataOrder(store.n_rows, cfg.batch_size, cfg.seed, window_rows=window_rows)
     state = TrainerState(
         torch.zeros(len(names), cfg.n_latents, dtype=torch.int64, device=device), torch.zeros((), dtype=torch.int64)
     )
@@ -324,16 +360,10 @@ def fit(cfg: TrainConfig) -> FitResult:
         _init(sae, cfg, store, [n for n in names if n not in frozen], order, device)
         if world.is_main:
             ckpt_io.save_run(cfg.out, sae, run_cfg)
-    run = _Run(sae, optimizer, cfg, names, state, train_dict, world, cfg.out / "metrics.jsonl")
+    run = _Run(sae, optimizer, cfg, names, state, train_dict, world, cfg.out / "metrics.jsonl", run_cfg)
     if world.is_main:
         _truncate_metrics(run.metrics_path, start)
-    last = _loop(run, Loader(store, names, order, device, world.rank, world.size), start)
-    distributed.average_buffers_(sae, world)
-    if world.is_main:
-        ckpt_io.save_run(cfg.out, sae, run_cfg)
-    if cfg.save_every == 0 or cfg.steps % cfg.save_every != 0:
-        _save(run, cfg.steps)
-    return FitResult(sae.eval(), cfg.out, last)
+    return run, start
 
 
 def _check_resume_store(cfg: TrainConfig, store: Store) -> None:
@@ -377,6 +407,7 @@ class _Run(NamedTuple):
     train_dict: dict[str, Any]
     world: World
     metrics_path: Path
+    run_cfg: dict[str, Any]
 
 
 def _init(sae: UniversalSAE, cfg: TrainConfig, store: Store, names: list[str], order: DataOrder, device) -> None:
@@ -412,34 +443,45 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep))
 
 
-def _loop(run: _Run, loader: Loader, start: int) -> dict[str, float]:
-    sae, optimizer, cfg, state = run.sae, run.optimizer, run.cfg, run.state
-    peak, warmup = run.train_dict["lr"], run.train_dict["warmup_steps"]
-    sae.train()
-    last: dict[str, float] = {}
-    show = cfg.progress and run.world.is_main
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not show, desc="train", mininterval=1)
+def _loop(runs: list[_Run], loader: Loader, start: int) -> list[dict[str, float]]:
+    """Step every run on each batch, read once; returns each run's last logged record."""
+    cfg0 = runs[0].cfg
+    for run in runs:
+        run.sae.train()
+    lasts: list[dict[str, float]] = [{} for _ in runs]
+    show = cfg0.progress and runs[0].world.is_main
+    bar = tqdm(range(start, cfg0.steps), initial=start, total=cfg0.steps, disable=not show, desc="train", mininterval=1)
     try:
         for step in bar:
-            lr = lr_at(step, peak, warmup, cfg.steps, cfg.lr_end_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
             batch = loader.get(step)
-            x_n = {n: sae.normalize(n, batch[n]) for n in run.names}
-            sources = sources_at(step, cfg.seed, run.names, cfg.rule)
-            k_aux = min(cfg.resolved_k_aux(), int(state.n_dead)) if cfg.auxk_coef > 0 else 0
-            stats = train_step(sae, optimizer, x_n, sources, cfg, state.since_fired_ms, k_aux, run.world)
-            done = step + 1
-            if done % DEAD_CHECK_EVERY == 0:
-                state.n_dead.fill_(int((state.since_fired_ms > cfg.dead_after_tokens).sum(1).max()))
-            if done % cfg.log_every == 0 or done == cfg.steps:
-                last = _record(run, done, lr, stats)
-                bar.set_postfix(loss=f"{last['train/loss']:.4f}")
-            if cfg.save_every and done % cfg.save_every == 0:
-                _save(run, done)
+            for i, run in enumerate(runs):
+                lasts[i] = _advance(run, batch, step) or lasts[i]
+            if lasts[0]:
+                bar.set_postfix(loss=f"{lasts[0]['train/loss']:.4f}")
     finally:
         loader.close()
-    return last
+    return lasts
+
+
+def _advance(run: _Run, batch: dict[str, Tensor], step: int) -> dict[str, float] | None:
+    """One training step of ``run``, plus its periodic dead check, log record and checkpoint."""
+    sae, cfg, state = run.sae, run.cfg, run.state
+    lr = lr_at(step, run.train_dict["lr"], run.train_dict["warmup_steps"], cfg.steps, cfg.lr_end_ratio)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    x_n = {n: sae.normalize(n, batch[n]) for n in run.names}
+    sources = sources_at(step, cfg.seed, run.names, cfg.rule)
+    k_aux = min(cfg.resolved_k_aux(), int(state.n_dead)) if cfg.auxk_coef > 0 else 0
+    stats = train_step(sae, run.optimizer, x_n, sources, cfg, state.since_fired_ms, k_aux, run.world)
+    done = step + 1
+    if done % DEAD_CHECK_EVERY == 0:
+        state.n_dead.fill_(int((state.since_fired_ms > cfg.dead_after_tokens).sum(1).max()))
+    record = None
+    if done % cfg.log_every == 0 or done == cfg.steps:
+        record = _record(run, done, lr, stats)
+    if cfg.save_every and done % cfg.save_every == 0:
+        _save(run, done)
+    return record
 
 
 def _record(run: _Run, step: int, lr: float, stats: StepStats) -> dict[str, float]:

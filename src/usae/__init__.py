@@ -18,7 +18,7 @@ from usae.evaluate import evaluate
 from usae.sae import SparseCode, UniversalSAE
 from usae.store import Store, StoreWriter, open_store, write_store
 from usae.synth import World, make_world, recovery
-from usae.train import fit, lr_at
+from usae.train import fit, fit_many, lr_at
 
 __all__ = [
     "EvalConfig",
@@ -33,6 +33,7 @@ __all__ = [
     "World",
     "evaluate",
     "fit",
+    "fit_many",
     "load",
     "lr_at",
     "make_world",

@@ -45,7 +45,7 @@ def step_seconds(widths: dict[str, int], n_latents: int, k: int, batch: int, rep
     step = _timeit(lambda: train_step(sae, opt, x_n, [names[next(i) % len(names)]], cfg, since, 0), repeats)
     with torch.no_grad():
         mm = sum(
-            _timeit(lambda h=sae.heads[n], x=x_n[n]: torch.addmm(h.b_enc, x, h.W_enc), repeats) for n in names
+            _timeit(lambda h=sae.heads[n], x=x_n[n]: torch.addmm(h.b_enc, x, h.W_enc.t()), repeats) for n in names
         ) / len(names)
     return step, mm
 

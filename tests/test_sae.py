@@ -72,7 +72,7 @@ def test_normalisation_is_owned_by_the_sae():
 def test_init_encoder_is_decoder_transpose_with_unit_rows():
     sae = make()
     for h in sae.heads.values():
-        torch.testing.assert_close(h.W_enc, h.W_dec.T)
+        torch.testing.assert_close(h.W_enc, h.W_dec)  # W_enc is (n_latents, d): transpose-tied
         torch.testing.assert_close(h.W_dec.norm(dim=1), torch.ones(64, dtype=torch.float64))
 
 

@@ -82,26 +82,27 @@ class _SparseDecode(torch.autograd.Function):
 
 
 class _SelectLinear(torch.autograd.Function):
-    """z_pre[r, idx[r, j]] for z_pre = x W + b given without grad; gradients touch only those entries.
+    """z_pre[r, idx[r, j]] for z_pre = x W^T + b given without grad; gradients touch only those entries.
 
     TopK passes gradient to k of n_latents pre-activations per row, so the encoder's weight
     gradient is a sparse-dense product, O(b k d) instead of the dense O(b s d).
     """
 
     @staticmethod
-    def forward(ctx, x_bd: Tensor, W_ds: Tensor, b_s: Tensor, z_pre_bs: Tensor, idx_bk: Tensor) -> Tensor:
-        ctx.save_for_backward(x_bd, W_ds, idx_bk)
+    def forward(ctx, x_bd: Tensor, W_sd: Tensor, b_s: Tensor, z_pre_bs: Tensor, idx_bk: Tensor) -> Tensor:
+        ctx.save_for_backward(x_bd, W_sd, idx_bk)
         return z_pre_bs.gather(1, idx_bk)
 
     @staticmethod
     def backward(ctx, grad_bk: Tensor):
-        x_bd, W_ds, idx_bk = ctx.saved_tensors
-        n_latents = W_ds.shape[1]
+        x_bd, W_sd, idx_bk = ctx.saved_tensors
+        n_latents = W_sd.shape[0]
         grad_x = grad_W = grad_b = None
+        # W is (n_latents, d) like a decoder, so both products read its rows: no transposes.
         if ctx.needs_input_grad[0]:
-            grad_x = F.embedding_bag(idx_bk, W_ds.t().contiguous(), per_sample_weights=grad_bk, mode="sum")
+            grad_x = F.embedding_bag(idx_bk, W_sd, per_sample_weights=grad_bk, mode="sum")
         if ctx.needs_input_grad[1]:
-            grad_W = torch.sparse.mm(_transpose_code(idx_bk, grad_bk, n_latents), x_bd).t().contiguous()
+            grad_W = torch.sparse.mm(_transpose_code(idx_bk, grad_bk, n_latents), x_bd)
         if ctx.needs_input_grad[2]:
             grad_b = grad_bk.new_zeros(n_latents).index_add_(0, idx_bk.reshape(-1), grad_bk.reshape(-1))
         return grad_x, grad_W, grad_b, None, None
@@ -120,7 +121,8 @@ class Head(nn.Module):
 
     def __init__(self, d: int, n_latents: int, encoder: str) -> None:
         super().__init__()
-        self.W_enc = nn.Parameter(torch.empty(d, n_latents))
+        # (n_latents, d), the nn.Linear layout: one row per latent, like W_dec.
+        self.W_enc = nn.Parameter(torch.empty(n_latents, d))
         self.b_enc = nn.Parameter(torch.zeros(n_latents))
         self.W_dec = nn.Parameter(torch.empty(n_latents, d))
         self.b_dec = nn.Parameter(torch.zeros(d))
@@ -191,7 +193,7 @@ class UniversalSAE(nn.Module):
     def _set_dictionary_(h: Head, W_dec_sd: Tensor) -> None:
         W_dec_sd = W_dec_sd / W_dec_sd.norm(dim=1, keepdim=True).clamp_min(1e-12)
         h.W_dec.copy_(W_dec_sd)
-        h.W_enc.copy_(W_dec_sd.T)
+        h.W_enc.copy_(W_dec_sd)
         h.b_enc.zero_()
 
     @torch.no_grad()
@@ -213,7 +215,7 @@ class UniversalSAE(nn.Module):
     def pre_activation(self, name: str, x_n_bd: Tensor) -> Tensor:
         """(b, d) normalised input -> (b, s) pre-activations (before ReLU/TopK; differentiable)."""
         h = self.head(name)
-        z_pre_bs = (x_n_bd - h.b_dec) @ h.W_enc + h.b_enc
+        z_pre_bs = F.linear(x_n_bd - h.b_dec, h.W_enc, h.b_enc)
         return h.bn(z_pre_bs) if h.bn is not None else z_pre_bs
 
     def activate(self, name: str, z_pre_bs: Tensor) -> Code:
@@ -248,7 +250,7 @@ class UniversalSAE(nn.Module):
             return self.activate(name, z_pre_bs), aux
         x_c_bd = x_n_bd - h.b_dec
         with torch.no_grad():
-            z_pre_bs = torch.addmm(h.b_enc, x_c_bd, h.W_enc)
+            z_pre_bs = torch.addmm(h.b_enc, x_c_bd, h.W_enc.t())
             idx_bk = torch.topk(z_pre_bs, self.k, dim=1, sorted=False).indices
             aux_idx_bk = None
             if k_aux > 0 and dead_s is not None:

@@ -51,21 +51,24 @@ def _dense(code: SparseCode | torch.Tensor, n_latents: int) -> torch.Tensor:
 @torch.no_grad()
 def _accumulate(sae: UniversalSAE, x: dict[str, torch.Tensor], means: dict, tau: float, acc: _Sums) -> None:
     names = sae.model_names
+    # Pre-activations once per model: they feed each model's own code and the joint code.
+    z_pre = {n: sae.pre_activation(n, sae.normalize(n, x[n])) for n in names}
     all_fire_bs = None
     for i, src in enumerate(names):
-        z_bs = _dense(sae.encode_sparse(src, x[src]), sae.n_latents)
+        code = sae.activate(src, z_pre[src])
+        z_bs = _dense(code, sae.n_latents)
         fire_bs = z_bs > tau
         acc.fires_ms[i] += fire_bs.sum(0)
         acc.active_ms[i] += (z_bs != 0).sum(0)
         acc.sum_z_ms[i] += z_bs.sum(0)
         all_fire_bs = fire_bs if all_fire_bs is None else all_fire_bs & fire_bs
         for j, dst in enumerate(names):
-            x_hat = sae.decode(dst, z_bs)
+            x_hat = sae.decode(dst, code)  # a SparseCode decodes by gathering k rows, not a dense matmul
             acc.sse_mm[i, j] += (x[dst].double() - x_hat.double()).square().sum()
     acc.cofires_s += all_fire_bs.sum(0)
-    z_joint_bs = sae.encode_joint(x)
+    joint = sae.codes_from_pre(z_pre, shared_values=True)[names[0]]
     for j, dst in enumerate(names):
-        acc.sse_joint_m[j] += (x[dst].double() - sae.decode(dst, z_joint_bs).double()).square().sum()
+        acc.sse_joint_m[j] += (x[dst].double() - sae.decode(dst, joint).double()).square().sum()
     for j, dst in enumerate(names):
         y = x[dst].double() - means[dst]
         acc.sum_y[dst] = y.sum(0) if acc.sum_y[dst] is None else acc.sum_y[dst] + y.sum(0)

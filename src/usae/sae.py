@@ -271,12 +271,15 @@ class UniversalSAE(nn.Module):
         pre-activations, each model keeping its own values there. ``shared_values=True`` is an
         acausal crosscoder: one code, TopK of the summed pre-activations, the same for every model.
         """
-        z_pre = {n: self.pre_activation(n, x) for n, x in x_n.items()}
+        return self.codes_from_pre({n: self.pre_activation(n, x) for n, x in x_n.items()}, shared_values)
+
+    def codes_from_pre(self, z_pre: dict[str, Tensor], shared_values: bool) -> dict[str, SparseCode]:
+        """``encode_global`` from already computed pre-activations (model -> (b, n_latents))."""
         summed_bs = sum(z_pre.values())
         if shared_values:
             top = torch.topk(summed_bs, self.k, dim=1, sorted=False)
             code = SparseCode(top.indices, F.relu(top.values))
-            return dict.fromkeys(x_n, code)
+            return dict.fromkeys(z_pre, code)
         idx_bk = torch.topk(summed_bs.detach(), self.k, dim=1, sorted=False).indices
         return {n: SparseCode(idx_bk, F.relu(z.gather(1, idx_bk))) for n, z in z_pre.items()}
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from usae import __version__
@@ -34,6 +34,7 @@ from usae.config import (
     from_json_dict,
     fsync_path,
     read_json,
+    to_json_dict,
     write_json_atomic,
 )
 from usae.errors import UsaeError
@@ -67,8 +68,6 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _safetensors_metadata(path: Path) -> dict[str, str]:
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             return f.metadata() or {}
@@ -79,8 +78,6 @@ def _safetensors_metadata(path: Path) -> dict[str, str]:
 # -- run config ----------------------------------------------------------------------------------
 def run_config(sae: UniversalSAE, train: dict[str, Any], store: dict[str, Any]) -> dict[str, Any]:
     """The JSON object saved as RUN/config.json."""
-    from usae.config import to_json_dict
-
     return {
         "format": "usae-run",
         "schema_version": SCHEMA_VERSION,

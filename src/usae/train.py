@@ -231,8 +231,9 @@ def _prepare_run_dir(cfg: TrainConfig) -> None:
         if not config_path.is_file():
             raise UsaeError(f"--resume: {cfg.out} holds no run (no config.json)")
         saved = ckpt_io.read_run_config(cfg.out)["train"]
+        given = to_json_dict(cfg)
         for key, value in saved.items():
-            current = to_json_dict(cfg).get(key)
+            current = given.get(key)
             if key not in RESUME_FREE_FIELDS and current is not None and current != value:
                 raise UsaeError(f"--resume: {key}={current!r} differs from the run's {key}={value!r} ({config_path})")
     elif config_path.exists() and not cfg.overwrite:

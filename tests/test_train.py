@@ -49,7 +49,7 @@ def test_fit_writes_a_run_and_learns(small_store, tmp_path):
     result = fit(cfg_for(small_store, tmp_path / "run", steps=200, log_every=50))
     run = tmp_path / "run"
     config = json.loads((run / "config.json").read_text())
-    assert config["schema_version"] == 1 and config["format"] == "usae-run"
+    assert config["schema_version"] == 2 and config["format"] == "usae-run"
     assert config["sae"]["widths"] == {"a": 32, "b": 48, "c": 40}
     assert config["train"]["lr"] > 0 and config["train"]["warmup_steps"] == 10  # resolved, not null
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]

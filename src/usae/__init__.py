@@ -15,6 +15,9 @@ from usae.checkpoint import load
 from usae.config import EvalConfig, SAEConfig, SynthConfig, TrainConfig
 from usae.errors import UsaeError
 from usae.evaluate import evaluate
+from usae.explore import heatmap, top_images
+from usae.hub import from_pretrained, save_pretrained
+from usae.maximize import maximize
 from usae.sae import SparseCode, UniversalSAE
 from usae.store import Store, StoreWriter, open_store, write_store
 from usae.synth import World, make_world, recovery
@@ -34,10 +37,15 @@ __all__ = [
     "evaluate",
     "fit",
     "fit_many",
+    "from_pretrained",
+    "heatmap",
     "load",
     "lr_at",
     "make_world",
+    "maximize",
     "open_store",
     "recovery",
+    "save_pretrained",
+    "top_images",
     "write_store",
 ]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import sys
@@ -14,10 +13,16 @@ from usae.config import (
     AblateConfig,
     BaselineConfig,
     DemoConfig,
+    EncodeConfig,
     EvalConfig,
+    ExploreConfig,
+    ExportConfig,
+    ExtractConfig,
+    ImportOfficialConfig,
+    MaximizeConfig,
     SynthConfig,
     TrainConfig,
-    write_json_atomic,
+    VerifyConfig,
 )
 from usae.errors import UsaeError
 
@@ -26,31 +31,9 @@ log = logging.getLogger("usae")
 
 def synth(cfg: SynthConfig) -> Path:
     """Generate a synthetic world, write it as a store and its ground truth beside it."""
-    from usae.store import write_store
-    from usae.synth import make_world, save_truth
+    from usae.synth import write_world
 
-    names = [chr(ord("a") + i) if i < 26 else f"m{i}" for i in range(len(cfg.widths))]
-    world = make_world(
-        dict(zip(names, cfg.widths, strict=True)),
-        n_rows=cfg.n_rows,
-        n_universal=cfg.n_universal,
-        n_partial=cfg.n_partial,
-        n_specific=cfg.n_specific,
-        k_active=cfg.k_active,
-        noise=cfg.noise,
-        seed=cfg.seed,
-    )
-    extra = {"synthetic": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "overwrite")}}
-    path = write_store(cfg.out, world.data, dtype="float32", overwrite=cfg.overwrite, extra=extra)
-    save_truth(truth_path(cfg.out), world)
-    log.info("wrote store %s (%d rows) and ground truth %s", path, cfg.n_rows, truth_path(cfg.out))
-    return path
-
-
-def truth_path(store_dir: Path) -> Path:
-    """Where `usae synth` puts a world's ground truth: beside the store, STORE.truth.safetensors."""
-    store_dir = Path(store_dir)
-    return store_dir.with_name(store_dir.name + ".truth.safetensors")
+    return write_world(cfg)
 
 
 def train(cfg: TrainConfig) -> None:
@@ -116,44 +99,41 @@ def format_summary(report: dict) -> str:
     return "\n".join(lines)
 
 
+def extract(cfg: ExtractConfig) -> None:
+    from usae.extract import extract as run_extract
+
+    path = run_extract(cfg)
+    print(f"store: {path}")
+
+
 def demo(cfg: DemoConfig) -> dict:
-    """Synthetic world -> universal SAE -> report -> recovery of the planted concepts."""
-    from usae.checkpoint import load
-    from usae.evaluate import evaluate as run_evaluate
-    from usae.synth import load_truth, recovery
+    from usae.demo import run_demo, run_synthetic_demo
 
-    store_dir, run_dir = cfg.out / "store", cfg.out / "run"
-    if not (store_dir / "metadata.json").is_file():
-        synth(SynthConfig(out=store_dir, n_rows=120_000, seed=cfg.seed, overwrite=True))
-    train_cfg = TrainConfig(
-        store=store_dir,
-        out=run_dir,
-        n_latents=512,
-        k=8,
-        steps=cfg.steps,
-        batch_size=1024,
-        seed=cfg.seed,
-        device=cfg.device,
-        overwrite=True,
-    )
-    from usae.train import fit
-
-    fit(train_cfg)
-    report = run_evaluate(run_dir, store_dir)
-    sae = load(run_dir)
-    rec = recovery({n: sae.dictionary(n).numpy() for n in sae.model_names}, load_truth(truth_path(store_dir)))
-    summary = {
-        "recovery": rec,
-        "r2_cross_mean": report["r2_cross_mean"],
-        "r2_self_mean": report["r2_self_mean"],
-    }
-    write_json_atomic(cfg.out / "summary.json", summary)
-    print(format_summary(report))
-    print("\nplanted concepts recovered (cosine > 0.9 in every owning model):")
-    for kind, frac in rec.items():
-        print(f"  {kind:10s} {100 * frac:5.1f}%")
-    print(f"\nrun: {run_dir}  report: {run_dir / 'report.json'}  summary: {cfg.out / 'summary.json'}")
+    summary = run_synthetic_demo(cfg) if cfg.synthetic else run_demo(cfg)
+    print(format_summary(summary["report_data"]))
+    if "recovery" in summary:
+        print("\nplanted concepts recovered (cosine > 0.9 in every owning model):")
+        for kind, frac in summary["recovery"].items():
+            print(f"  {kind:10s} {100 * frac:5.1f}%")
+    if summary.get("timings"):
+        print("\ntimes: " + ", ".join(f"{k.removesuffix('_s')} {v:.0f} s" for k, v in summary["timings"].items()))
+    print(f"\nrun: {summary['run']}\nreport: {summary['report']}")
+    if summary.get("explorer"):
+        print(f"concept explorer: {summary['explorer']}")
     return summary
+
+
+def explore(cfg: ExploreConfig) -> None:
+    from usae.explore import explore_cli
+
+    print(f"concept explorer: {explore_cli(cfg)}")
+
+
+def maximize(cfg: MaximizeConfig) -> None:
+    from usae.maximize import maximize_cli
+
+    for out in maximize_cli(cfg):
+        print(f"maximisation: {out / 'panel.png'}")
 
 
 def ablate(cfg: AblateConfig) -> None:
@@ -163,13 +143,46 @@ def ablate(cfg: AblateConfig) -> None:
     print(format_table(run_ablate(cfg)))
 
 
+def encode(cfg: EncodeConfig) -> None:
+    from usae.codes import encode_store
+
+    print(f"codes: {encode_store(cfg)}")
+
+
+def import_official(cfg: ImportOfficialConfig) -> None:
+    from usae.official import import_official as run_import
+
+    sae = run_import(cfg.config_yaml, cfg.checkpoint_dir, cfg.out, overwrite=cfg.overwrite)
+    print(f"run: {cfg.out}  models: {', '.join(sae.model_names)}  concepts: {sae.n_latents}  k: {sae.k}")
+
+
+def export(cfg: ExportConfig) -> None:
+    from usae.hub import export_run
+
+    out = export_run(cfg.run, cfg.out, dtype=cfg.dtype, push_to_hub=cfg.push_to_hub, private=cfg.private)
+    print(f"pretrained: {out}" + (f"  hub: {cfg.push_to_hub}" if cfg.push_to_hub else ""))
+
+
+def verify(cfg: VerifyConfig) -> None:
+    from usae.checkpoint import verify as run_verify
+
+    print(run_verify(cfg.path))
+
+
 COMMANDS = {
     "synth": SynthConfig,
     "train": TrainConfig,
     "evaluate": EvalConfig,
     "baseline": BaselineConfig,
     "ablate": AblateConfig,
+    "extract": ExtractConfig,
     "demo": DemoConfig,
+    "explore": ExploreConfig,
+    "maximize": MaximizeConfig,
+    "encode": EncodeConfig,
+    "import-official": ImportOfficialConfig,
+    "export": ExportConfig,
+    "verify": VerifyConfig,
 }
 HANDLERS = {
     "synth": synth,
@@ -177,7 +190,14 @@ HANDLERS = {
     "evaluate": evaluate,
     "baseline": baseline,
     "ablate": ablate,
+    "extract": extract,
     "demo": demo,
+    "explore": explore,
+    "maximize": maximize,
+    "encode": encode,
+    "import-official": import_official,
+    "export": export,
+    "verify": verify,
 }
 
 
@@ -192,6 +212,10 @@ def main(argv: list[str] | None = None) -> int:
         HANDLERS[args[0]](cfg)
     except UsaeError as e:
         print(f"usae: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # disk full, permissions, ... anywhere: one line naming the file, not a traceback
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"usae: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("usae: interrupted", file=sys.stderr)

@@ -6,6 +6,7 @@ config (auto values filled in) is what a run directory saves, so a run explains 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -19,7 +20,10 @@ import tyro
 
 from usae.errors import UsaeError
 
-SCHEMA_VERSION = 1
+# Run and pretrained artifacts (config.json + model.safetensors). History, see docs/format.md:
+#   1: W_enc stored (d, n_latents) until commit 0627d45, (n_latents, d) after it (same number);
+#   2: W_enc always (n_latents, d); safetensors files carry a content checksum. 1 is migrated on load.
+SCHEMA_VERSION = 2
 
 Rule = Literal["random-source", "all-sources", "as-released", "sparc", "crosscoder"]
 Encoder = Literal["linear", "mlp"]
@@ -50,6 +54,9 @@ class SAEConfig:
         if not self.widths:
             raise UsaeError("sae config: 'widths' names no model")
         for name, d in self.widths.items():
+            # names become nn.ModuleDict keys and tensor-name parts ("heads.<name>.W_enc")
+            if not isinstance(name, str) or not name or "." in name:
+                raise UsaeError(f"sae config: model name {name!r} must be a non-empty string without '.'")
             if not isinstance(d, int) or d < 1:
                 raise UsaeError(f"sae config: width of model {name!r} must be a positive int, got {d!r}")
         if self.n_latents < 1:
@@ -311,15 +318,68 @@ class SynthConfig:
 
 
 @dataclass(frozen=True)
-class DemoConfig:
-    """End-to-end demo on a synthetic world: synth -> train -> evaluate -> recovery."""
+class ExtractConfig:
+    """Run M frozen vision backbones over an image set and write a paired activation store."""
 
-    out: Path = Path("demo-out")
-    """Directory for the store, the run and the report."""
-    steps: int = 1500
+    images: str
+    """Image source: a folder (recursive), a .txt list of paths, 'hf:NAME[:SPLIT]' or a saved
+    datasets directory (image column), or 'builtin:demo' (offline photos)."""
+    models: tuple[str, ...]
+    """Backbone specs [ALIAS=]KIND:ID[@LAYER]: timm:NAME, hf:REPO, openclip:ARCH/TAG, onnx:PATH@TENSOR,
+    fake:w16s8, or a built-in name (effnet-lite0, open-nsfw, craft-vgg16)."""
+    out: Path
+    """Store directory to create (work in progress lives in OUT.parts/ until it is finalised)."""
+    grid: int | None = None
+    """Side of the common token grid; default: the smallest native grid among the models."""
+    view_size: int | None = None
+    """Side of the canonical square view, in pixels; default: the largest model input size."""
+    batch_size: int = 32
+    """Images per forward pass."""
+    max_images: int | None = None
+    """Use at most this many images, spread evenly over the sorted source."""
+    images_per_part: int = 256
+    """Images per resumable unit of work (an interrupted run redoes at most one part)."""
+    dtype: Literal["float16", "float32"] = "float16"
+    """Store dtype."""
+    device: str = "auto"
+    """'auto', 'cpu', 'cuda', 'cuda:1', ..."""
+    split: str = "train"
+    """Split of a Hugging Face dataset."""
+    column: str = "image"
+    """Image column of a Hugging Face dataset."""
+    random_init: bool = False
+    """Randomly initialised backbones (no weights download): for dry runs and tests."""
+    decode_threads: int = 2
+    """Threads decoding images ahead of the forward passes."""
+    overwrite: bool = False
+    """Replace an existing finished store."""
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """End to end on the embedded default: extract 3 packaged pretrained models on the offline
+    photos, train a universal SAE, evaluate and explore it."""
+
+    out: Path = Path("usae-demo")
+    """Directory for the store, the run, the report and the explorer."""
+    models: tuple[str, ...] = ("effnet-lite0", "open-nsfw", "craft-vgg16")
+    """Backbone specs (see `usae extract --help`)."""
+    images: str = "builtin:demo"
+    """Image source (see `usae extract --help`)."""
+    max_images: int | None = None
+    """Use at most this many images."""
+    n_latents: int = 2048
+    """Universal dictionary size."""
+    k: int = 16
+    """Active latents per token."""
+    steps: int = 2000
     """Training steps."""
+    batch_size: int = 512
+    """Tokens per step."""
+    synthetic: bool = False
+    """Run the synthetic-world demo instead (planted concepts, checks their recovery)."""
     seed: int = 0
-    """Seed for world and training."""
+    """Seed for training (and the synthetic world)."""
     device: str = "auto"
     """'auto', 'cpu', 'cuda'."""
 
@@ -431,12 +491,17 @@ def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON to ``path`` via a temporary file, fsync and rename (never half-written)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    except OSError as e:  # disk full, read-only, ...: the previous file (if any) is untouched
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise UsaeError(f"{path}: could not write ({e.strerror or e}); the previous file is unchanged") from None
 
 
 def read_json(path: Path, what: str) -> Any:
@@ -446,5 +511,164 @@ def read_json(path: Path, what: str) -> Any:
         raise UsaeError(f"{path}: {what} not found")
     try:
         return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsaeError(f"{path}: {what} is not valid JSON ({e.__class__.__name__}: {e})") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, a 5000-digit int, deep nesting
+        raise UsaeError(f"{path}: {what} is not valid JSON ({e.__class__.__name__}: {str(e)[:200]})") from None
+    except OSError as e:
+        raise UsaeError(f"{path}: {what} could not be read ({e.strerror or e})") from None
+
+
+# -- sharing and interop (issue 8: hub.py, official.py, codes.py) -----------------------------
+
+
+@dataclass(frozen=True)
+class EncodeConfig:
+    """Export each model's sparse codes for a store: top-k concept ids and values per row (docs/format.md)."""
+
+    run: tyro.conf.Positional[Path]
+    """Run or pretrained directory."""
+    store: tyro.conf.Positional[Path]
+    """Paired activation store holding (at least) the run's models."""
+    out: Path = Path("codes")
+    """Codes directory to create: metadata.json and <model>/{indices,values}-NNNNN.npy."""
+    models: tuple[str, ...] | None = None
+    """Models to encode (default: every model of the run)."""
+    k: int | None = None
+    """Entries kept per row. Default: the run's k (TopK) or 4k (BatchTopK; rows with more are counted)."""
+    value_dtype: Literal["float32", "float16"] = "float32"
+    """dtype of the stored values."""
+    batch_size: int = 4096
+    """Rows encoded at a time."""
+    rows_per_shard: int = 65536
+    """Rows per output file."""
+    max_rows: int | None = None
+    """Encode only the first N rows."""
+    overwrite: bool = False
+    """Replace an existing codes directory."""
+    device: str = "auto"
+    """'auto', 'cpu', 'cuda', ..."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        checks = {
+            "k": self.k is None or self.k >= 1,
+            "batch_size": self.batch_size >= 1,
+            "rows_per_shard": self.rows_per_shard >= 1,
+            "max_rows": self.max_rows is None or self.max_rows >= 1,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise UsaeError(f"encode config: invalid {name}={getattr(self, name)!r}")
+
+
+@dataclass(frozen=True)
+class ImportOfficialConfig:
+    """Convert the paper's released USAE (YAML config + per-model Overcomplete checkpoints) into a run."""
+
+    config_yaml: tyro.conf.Positional[Path]
+    """The release's YAML (model_zoo with input_shape, model_mean, model_std; sae_params)."""
+    checkpoint_dir: tyro.conf.Positional[Path]
+    """Directory with uni_<Model>_checkpoint_<epoch>.pth files (directly or in <Model>/ subfolders)."""
+    out: Path = Path("runs/official")
+    """Run directory to write (config.json + model.safetensors)."""
+    overwrite: bool = False
+    """Replace a run already in --out."""
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Write a run as a shareable pretrained directory: config.json, model.safetensors, README.md card."""
+
+    run: tyro.conf.Positional[Path]
+    """Run directory (its report.json, from `usae evaluate`, supplies the card's metrics)."""
+    out: Path = Path("pretrained")
+    """Directory to write."""
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """dtype of the saved float tensors."""
+    push_to_hub: str | None = None
+    """Also upload to this Hugging Face Hub repo id (owner/name); needs network and a token."""
+    private: bool = False
+    """Create the Hub repo as private."""
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    """Check every byte of a store (shard hashes) or a run (tensor checksums, every checkpoint)."""
+
+    path: tyro.conf.Positional[Path]
+    """A store, run, pretrained or codes directory."""
+
+
+@dataclass(frozen=True)
+class ExploreConfig:
+    """Write the concept explorer: a static site of top images with heatmaps for every concept."""
+
+    run: tyro.conf.Positional[Path]
+    """Run directory (from `usae train`). RUN/report.json is reused when it was computed on STORE;
+    maximisations under RUN/maximize/ are shown on their concepts' pages."""
+    store: tyro.conf.Positional[Path]
+    """Store made by `usae extract` (it records the images and the token grid)."""
+    out: Path = Path("explorer")
+    """Site directory (index.html, concepts/, images/, ...); an earlier site there is replaced."""
+    n_top: int = 8
+    """Top images per concept and model."""
+    labels: Path | None = None
+    """JSON object {"<concept>": "label"} shown beside concept ids (escaped)."""
+    concepts_per_image: int = 12
+    """Concepts listed per model on an image page."""
+    batch_images: int = 64
+    """Images per streamed batch."""
+    maximize_top: int = 0
+    """Also run coordinated activation maximisation for the N universal concepts of most energy."""
+    maximize_steps: int = 128
+    """Optimisation steps of those maximisations."""
+    device: str = "auto"
+    """'auto', 'cpu', 'cuda', ..."""
+    progress: bool = True
+    """Show progress bars."""
+
+    def __post_init__(self) -> None:
+        for name in ("n_top", "concepts_per_image", "batch_images", "maximize_steps"):
+            if getattr(self, name) < 1:
+                raise UsaeError(f"explore: {name} must be >= 1, got {getattr(self, name)}")
+        if self.maximize_top < 0:
+            raise UsaeError(f"explore: maximize_top must be >= 0, got {self.maximize_top}")
+
+
+@dataclass(frozen=True)
+class MaximizeConfig:
+    """Coordinated activation maximisation: for each model, an image that excites one concept."""
+
+    run: tyro.conf.Positional[Path]
+    """Run directory (from `usae train`)."""
+    concept: tuple[int, ...]
+    """Concept id(s) to render."""
+    models: tuple[str, ...] | None = None
+    """Models to render through (default: all of the run's)."""
+    store: Path | None = None
+    """Store whose metadata names the backbones and token grid (default: the run's store)."""
+    out: Path | None = None
+    """Output root: OUT/concept-<k>/ (default: RUN/maximize, where the explorer looks)."""
+    steps: int = 256
+    """Optimisation steps per model."""
+    size: int | None = None
+    """Side of the optimised image in pixels (default: the store's canonical view size)."""
+    n_crops: int = 6
+    """Random crops (jitter, zoom, noise) scored per step."""
+    lr: float = 1.0
+    """NAdam learning rate on the Fourier phase (MACO's)."""
+    seed: int = 0
+    """Seed of the starting phase and the augmentations (deterministic on CPU)."""
+    device: str = "auto"
+    """'auto' (cuda if present), 'cpu', 'cuda', ..."""
+    progress: bool = True
+    """Show progress bars."""
+
+    def __post_init__(self) -> None:
+        if not self.concept:
+            raise UsaeError("maximize: give at least one --concept")
+        checks = {"steps": self.steps >= 1, "n_crops": self.n_crops >= 1, "lr": self.lr > 0}
+        checks["size"] = self.size is None or self.size >= 8
+        for name, ok in checks.items():
+            if not ok:
+                raise UsaeError(f"maximize: invalid {name}={getattr(self, name)!r}")

@@ -11,7 +11,7 @@ trainer work in normalised units, where the loss is computed.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,9 @@ from torch import Tensor, nn
 
 from usae.config import SAEConfig
 from usae.errors import UsaeError
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 
 class SparseCode(NamedTuple):
@@ -142,6 +145,20 @@ class UniversalSAE(nn.Module):
         self.cfg = cfg
         self.heads = nn.ModuleDict({name: Head(d, cfg.n_latents, cfg.encoder) for name, d in cfg.widths.items()})
         self.reset_parameters(generator)
+
+    # -- sharing (I/O lives in usae.hub; imported lazily to keep this module pure) ------------
+    def save_pretrained(self, save_dir: str | Path, **kwargs: Any) -> Path:
+        """Write config.json + model.safetensors + a model card README.md; see ``usae.hub.save_pretrained``."""
+        from usae.hub import save_pretrained
+
+        return save_pretrained(self, save_dir, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, **kwargs: Any) -> UniversalSAE:
+        """Load from a pretrained/run directory or a Hub repo id; see ``usae.hub.from_pretrained``."""
+        from usae.hub import from_pretrained
+
+        return from_pretrained(name_or_path, **kwargs)
 
     # -- structure --------------------------------------------------------------------------
     @property

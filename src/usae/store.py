@@ -108,6 +108,10 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
@@ -316,10 +320,14 @@ class StoreWriter:
     def _write_shard(self) -> None:
         for name in self._widths:
             x_bd = self._buf[name][: self._n_buffered]
-            with (self.partial_dir / name / shard_name(self._n_shards)).open("wb") as f:
-                np.save(f, x_bd, allow_pickle=False)
-                f.flush()
-                os.fsync(f.fileno())
+            path = self.partial_dir / name / shard_name(self._n_shards)
+            try:
+                with path.open("wb") as f:
+                    np.save(f, x_bd, allow_pickle=False)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as e:
+                self._fail_write(path, e)
             self._model_sha[name].update(x_bd)
             self._shard_sha[name].append(hashlib.sha256(x_bd).hexdigest())
         self._n_shards += 1
@@ -341,16 +349,26 @@ class StoreWriter:
         if self._n_buffered:
             self._write_shard()
         meta_path = self.partial_dir / METADATA_NAME
-        with meta_path.open("w", encoding="utf-8") as f:
-            json.dump(self._metadata(), f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with meta_path.open("w", encoding="utf-8") as f:
+                json.dump(self._metadata(), f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            self._fail_write(meta_path, e)
         for name in self._widths:
             fsync_path(self.partial_dir / name)
         fsync_path(self.partial_dir)
         self._publish()
         logger.info("wrote store %s: %d rows x %d models", self.store_dir, self._n_rows, len(self._widths))
         return self.store_dir
+
+    def _fail_write(self, path: Path, e: OSError) -> None:
+        """A write failed (disk full, ...): drop the partial store to free its space, raise one line."""
+        self._closed = True
+        shutil.rmtree(self.partial_dir, ignore_errors=True)
+        kept = f"; {self.store_dir} is unchanged" if self.store_dir.exists() else ""
+        raise UsaeError(f"{path}: could not write ({e.strerror or _one_line(e)}); nothing was published{kept}") from None
 
     def _metadata(self) -> dict[str, Any]:
         from usae import __version__  # deferred: usae/__init__ may import this module
@@ -452,8 +470,8 @@ def _load_metadata(store_dir: Path) -> dict[str, Any]:
         raise UsaeError(f"store {store_dir} is not finalised (no {METADATA_NAME}); was its writer interrupted?")
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UsaeError(f"{meta_path}: unreadable ({_one_line(e)})") from None
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON, bad UTF-8, a 5000-digit int
+        raise UsaeError(f"{meta_path}: unreadable ({_one_line(e)[:200]})") from None
     if not isinstance(meta, dict):
         raise UsaeError(f"{meta_path}: expected a JSON object")
     if meta.get("format") != FORMAT:
@@ -491,8 +509,11 @@ def _check_fields(meta: dict[str, Any], where: Path) -> None:
     stats = _get(meta, "stats", dict, where)
     for model in models:
         s = stats.get(model["name"])
-        ok = isinstance(s, dict) and all(isinstance(s.get(k), int | float) for k in ("std", "scalar_mean"))
-        if not ok or not all(isinstance(s.get(k), list) and len(s[k]) == model["width"] for k in ("mean", "var")):
+        ok = isinstance(s, dict) and all(_is_number(s.get(k)) for k in ("std", "scalar_mean"))
+        if not ok or not all(
+            isinstance(s.get(k), list) and len(s[k]) == model["width"] and all(_is_number(v) for v in s[k])
+            for k in ("mean", "var")
+        ):
             raise UsaeError(f"{where}: field 'stats' entry for model {model['name']!r} is missing or malformed")
 
 
@@ -514,8 +535,8 @@ def _check_shard(path: Path, n_rows: int, d: int, dtype: np.dtype) -> None:
         raise  # UsaeError is a ValueError; keep it from being re-wrapped below
     except FileNotFoundError:
         raise UsaeError(f"{path}: shard missing (listed by {METADATA_NAME})") from None
-    except (OSError, ValueError) as e:
-        raise UsaeError(f"{path}: not a readable .npy file ({_one_line(e)})") from None
+    except Exception as e:  # numpy's header parser on damaged bytes also raises SyntaxError, TokenError, ...
+        raise UsaeError(f"{path}: not a readable .npy file ({e.__class__.__name__}: {_one_line(e)[:160]})") from None
     if shape != (n_rows, d) or fortran_order or file_dtype != dtype:
         raise UsaeError(f"{path}: holds {file_dtype} {shape}, expected {dtype} {(n_rows, d)}")
     expected_size = data_offset + n_rows * d * dtype.itemsize

@@ -33,14 +33,21 @@ have cosine > ``threshold`` with the concept's true direction in every model tha
 of models that do not own it are ignored (see :func:`recovered_mask`).
 """
 
+from __future__ import annotations
+
+import dataclasses
 import logging
 import math
 import numbers
-from typing import NamedTuple
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
 from usae.errors import UsaeError
+
+if TYPE_CHECKING:
+    from usae.config import SynthConfig
 
 _log = logging.getLogger(__name__)
 
@@ -384,3 +391,31 @@ def load_truth(path) -> World:
         )
     except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as e:
         raise UsaeError(f"{path}: unreadable synthetic-world truth file ({e.__class__.__name__}: {e})") from None
+
+
+def write_world(cfg: SynthConfig) -> Path:
+    """Generate a synthetic world, write it as a store and its ground truth beside it."""
+    from usae.store import write_store
+
+    names = [chr(ord("a") + i) if i < 26 else f"m{i}" for i in range(len(cfg.widths))]
+    world = make_world(
+        dict(zip(names, cfg.widths, strict=True)),
+        n_rows=cfg.n_rows,
+        n_universal=cfg.n_universal,
+        n_partial=cfg.n_partial,
+        n_specific=cfg.n_specific,
+        k_active=cfg.k_active,
+        noise=cfg.noise,
+        seed=cfg.seed,
+    )
+    extra = {"synthetic": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "overwrite")}}
+    path = write_store(cfg.out, world.data, dtype="float32", overwrite=cfg.overwrite, extra=extra)
+    save_truth(truth_path(cfg.out), world)
+    _log.info("wrote store %s (%d rows) and ground truth %s", path, cfg.n_rows, truth_path(cfg.out))
+    return path
+
+
+def truth_path(store_dir: Path) -> Path:
+    """Where `usae synth` puts a world's ground truth: beside the store, STORE.truth.safetensors."""
+    store_dir = Path(store_dir)
+    return store_dir.with_name(store_dir.name + ".truth.safetensors")

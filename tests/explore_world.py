@@ -54,7 +54,9 @@ def make_world(root: Path, n_images: int = 24, steps: int = 150) -> World:
 
     images = write_images(root / "images", n_images)
     store = extract(
-        ExtractConfig(images=str(images), models=MODELS, out=root / "store", batch_size=16, dtype="float32", device="cpu")
+        ExtractConfig(
+            images=str(images), models=MODELS, out=root / "store", batch_size=16, dtype="float32", device="cpu"
+        )
     )
     run = root / "run"
     usae.fit(
@@ -64,3 +66,13 @@ def make_world(root: Path, n_images: int = 24, steps: int = 150) -> World:
     )
     usae.evaluate(run, store, progress=False)
     return World(images, store, run)
+
+
+_WORLD: dict[str, World] = {}
+
+
+def shared_world(tmp_path_factory) -> World:
+    """One world per test session, whichever test file asks first (fixtures in test files are per file)."""
+    if "world" not in _WORLD:
+        _WORLD["world"] = make_world(tmp_path_factory.mktemp("explore-world"))
+    return _WORLD["world"]

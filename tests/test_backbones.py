@@ -1,5 +1,6 @@
 """Backbone wrappers (timm, Hugging Face, open_clip, ONNX, torch modules, built-ins) and alignment."""
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -70,11 +71,18 @@ def test_timm_vit_and_cnn_random_init():
     assert mid.name == "test_vit_l0" and mid.layer == 0
 
 
-def test_timm_pretrained_offline_fails_with_one_line(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(UsaeError, match="could not load pretrained weights") as e:
-        load_backbone("timm:test_vit.r160_in1k")
-    assert "\n" not in str(e.value)
+def test_pretrained_weights_offline_fail_fast_with_one_line(monkeypatch, tmp_path):
+    """No network and no cache: one line within seconds, not a minute of connection retries."""
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "ENDPOINT", "https://hub.invalid")  # unresolvable even when online
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    for spec in ("timm:test_vit.r160_in1k", "hf:facebook/dinov2-small"):
+        start = time.monotonic()
+        with pytest.raises(UsaeError, match="could not load pretrained weights") as e:
+            load_backbone(spec)
+        assert "\n" not in str(e.value) and time.monotonic() - start < 20
+    assert hub.HF_HUB_OFFLINE is False  # restored
     with pytest.raises(UsaeError, match="timm has no model"):
         load_backbone("timm:definitely_not_a_model", pretrained=False)
 
@@ -102,8 +110,9 @@ def test_hf_vit_and_resnet_from_local_config(tmp_path):
 
 def test_openclip_tiny_tower():
     open_clip = pytest.importorskip("open_clip")
-    from usae.backbones import OpenClipBackbone
     from open_clip.transformer import VisionTransformer
+
+    from usae.backbones import OpenClipBackbone
 
     tower = VisionTransformer(image_size=32, patch_size=8, width=32, layers=2, heads=2, mlp_ratio=2.0, output_dim=16)
     b = OpenClipBackbone(tower, "clip", "openclip:tiny", -1, 32, open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD).probe()

@@ -67,7 +67,12 @@ def test_codes_equal_encode_and_are_documented(small_store, tmp_path):
 def test_batchtopk_codes_count_truncated_rows(small_store, tmp_path):
     run, sae = _run(tmp_path, small_store, activation="batchtopk", k=2)
     out = tmp_path / "codes"
-    assert main(["encode", str(run), str(small_store), "--out", str(out), "--k", "3", "--max-rows", "500", "--no-progress"]) == 0
+    assert (
+        main(
+            ["encode", str(run), str(small_store), "--out", str(out), "--k", "3", "--max-rows", "500", "--no-progress"]
+        )
+        == 0
+    )
     codes = open_codes(out)
     store = open_store(small_store)
     with torch.no_grad():

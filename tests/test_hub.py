@@ -176,7 +176,7 @@ def test_export_run_uses_report_and_store_details(small_store, tmp_path):
     assert cfg["format"] == "usae-pretrained" and cfg["train"]["steps"] == 3 and cfg["data"]["n_rows"] == 300
     assert cfg["models"][1]["backbone"] == "fake_cnn" and cfg["metrics"]["fvu"]["b"] == 0.2
     card = (tmp_path / "pre/README.md").read_text()
-    assert "| b | 12 | fake_cnn | \"stage4\" |" in card or "| b | 12 | fake_cnn | stage4 |" in card
+    assert '| b | 12 | fake_cnn | "stage4" |' in card or "| b | 12 | fake_cnn | stage4 |" in card
     assert "r2 cross mean: 0.500" in card and "| a | 0.100 | 2.000 |" in card and "- steps: `3`" in card
     loaded = usae.from_pretrained(tmp_path / "pre")
     assert torch.equal(loaded.heads["b"].W_dec, usae.load(run).heads["b"].W_dec)
@@ -200,7 +200,9 @@ def test_repo_id_offline_fails_fast_with_one_line(tmp_path):
     assert time.monotonic() - start < 120
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("usae.errors.UsaeError: nobody-here/no-such-usae: could not download from the Hugging Face Hub")
+    assert last.startswith(
+        "usae.errors.UsaeError: nobody-here/no-such-usae: could not download from the Hugging Face Hub"
+    )
     with pytest.raises(UsaeError, match="no such directory"):
         usae.from_pretrained(tmp_path / "missing")
 

@@ -48,7 +48,12 @@ def _release(tmp_path, encoder_module="mlp_bn_1", multiplier=0.0, layout="nested
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"uni_{name}_checkpoint_29.pth"
         torch.save(
-            {"epoch": 29, "model_state_dict": sae.state_dict(), "optimizer_state_dict": optimizer.state_dict(), "learning_rate": 3e-4},
+            {
+                "epoch": 29,
+                "model_state_dict": sae.state_dict(),
+                "optimizer_state_dict": optimizer.state_dict(),
+                "learning_rate": 3e-4,
+            },
             path,
         )
         saes[name] = sae
@@ -107,7 +112,10 @@ def test_checkpoint_discovery_and_config_errors(tmp_path):
     assert [m.name for m in cfg.models] == list(MODELS) and cfg.top_k == TOP_K
     assert find_checkpoint(ckpt_dir, cfg.models[1]).name == "uni_DinoV2_checkpoint_29.pth"
     # without the YAML's file name the newest epoch wins
-    torch.save(torch.load(ckpt_dir / "ViT/uni_ViT_checkpoint_29.pth", weights_only=True), ckpt_dir / "ViT/uni_ViT_checkpoint_9.pth")
+    torch.save(
+        torch.load(ckpt_dir / "ViT/uni_ViT_checkpoint_29.pth", weights_only=True),
+        ckpt_dir / "ViT/uni_ViT_checkpoint_9.pth",
+    )
     assert find_checkpoint(ckpt_dir, cfg.models[2]._replace(checkpoint=None)).name == "uni_ViT_checkpoint_29.pth"
     with pytest.raises(UsaeError, match="no checkpoint for model 'SigLIP'"):
         find_checkpoint(tmp_path, cfg.models[0])

@@ -1,6 +1,8 @@
 """report.md + figures: the latent classifier on hand-built codes, figure structure, rendering,
 and one run evaluated on two stores (dataset shift) side by side."""
 
+import copy
+import io
 import re
 
 import numpy as np
@@ -185,6 +187,12 @@ def test_figure_structure():
     assert all(a.get_xscale() == "log" and a.get_yscale() == "log" for a in fig.axes)
     assert re.fullmatch(r"val / a: r = (-?\d\.\d\d|nan) \(n=\d+\)", fig.axes[0].get_title())
     assert fig.axes[0].get_ylabel() == "co-fire count"
+    # a model whose concepts never fire (energy all 0) still renders: linear axes and a note
+    dead = copy.deepcopy(reports[0])
+    dead["energy"]["a"] = [0.0] * len(dead["energy"]["a"])
+    fig = figure_cofire_energy([dead], ["val"])
+    fig.savefig(io.BytesIO(), format="png")
+    assert fig.axes[0].get_xscale() == "linear" and "no concept" in fig.axes[0].texts[0].get_text()
 
     fig = figure_dead_l0(reports, labels)
     assert [a.get_ylabel() for a in fig.axes] == ["L0", "dead %"]

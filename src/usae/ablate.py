@@ -89,7 +89,11 @@ def _finished(point: TrainConfig) -> dict[str, Any] | None:
         result = json.loads(result_path.read_text())
     except (UsaeError, json.JSONDecodeError):
         return None
-    expected = resolved_train_dict(point, list(point.models or ()))
+    try:
+        widths = open_store(point.store).widths
+    except UsaeError:
+        return None
+    expected = resolved_train_dict(point, {n: widths[n] for n in (point.models or widths) if n in widths})
     same = all(saved.get(k) == v for k, v in expected.items() if k not in ("overwrite", "progress", "device"))
     return result if same else None
 

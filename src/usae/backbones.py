@@ -24,10 +24,13 @@ whose weights ship inside installed packages and work offline).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+import socket
+import urllib.parse
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,7 +44,7 @@ log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_ALIAS_BAD = re.compile(r"[^A-Za-z0-9_.-]+")
+_ALIAS_BAD = re.compile(r"[^A-Za-z0-9_-]+")  # no ".": model names key nn.ModuleDicts
 
 
 class _Stop(Exception):
@@ -265,7 +268,7 @@ class OpenClipBackbone(Backbone):
 
 def _default_alias(ident: str, layer: str | None) -> str:
     base = Path(ident).stem if ident.endswith(".onnx") else ident.rstrip("/").split("/")[-1]
-    alias = _ALIAS_BAD.sub("_", base + (f"_l{layer}" if layer is not None else "")).strip("_.-")
+    alias = _ALIAS_BAD.sub("_", base + (f"_l{layer}" if layer is not None else "")).strip("_-")
     return alias[:128] or "model"
 
 
@@ -292,6 +295,38 @@ def _int_layer(layer: str | None, spec: str, default: int = -1) -> int:
         raise UsaeError(f"model spec {spec!r}: layer {layer!r} must be a block index (e.g. -1, 11)") from None
 
 
+@contextlib.contextmanager
+def _hub_offline_if_unreachable() -> Iterator[None]:
+    """Put huggingface_hub in offline mode while loading if its endpoint cannot be reached.
+
+    Without this, a machine with no network spends about a minute in connection retries before
+    failing; offline mode answers from the local cache at once (or fails at once when it is empty).
+    """
+    try:
+        import huggingface_hub.constants as hub
+    except ImportError:
+        yield
+        return
+    if hub.HF_HUB_OFFLINE:
+        yield
+        return
+    host = urllib.parse.urlparse(hub.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+        reachable = True
+    except OSError:
+        reachable = False
+    if reachable:
+        yield
+        return
+    log.info("%s is unreachable: loading weights from the local cache only", host)
+    hub.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = False
+
+
 def _offline_error(spec: str, e: Exception) -> UsaeError:
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return UsaeError(
@@ -304,7 +339,8 @@ def load_timm(ident: str, name: str, spec: str, layer: str | None, pretrained: b
     import timm
 
     try:
-        model = timm.create_model(ident, pretrained=pretrained, **kwargs)
+        with _hub_offline_if_unreachable():
+            model = timm.create_model(ident, pretrained=pretrained, **kwargs)
     except RuntimeError as e:
         if "Unknown model" in str(e):
             raise UsaeError(f"{spec}: timm has no model {ident!r}") from None
@@ -318,16 +354,18 @@ def load_hf(ident: str, name: str, spec: str, layer: str | None, pretrained: boo
     import transformers
 
     try:
-        if pretrained:
-            model = transformers.AutoModel.from_pretrained(ident)
-        else:
-            model = transformers.AutoModel.from_config(transformers.AutoConfig.from_pretrained(ident))
+        with _hub_offline_if_unreachable():
+            if pretrained:
+                model = transformers.AutoModel.from_pretrained(ident)
+            else:
+                model = transformers.AutoModel.from_config(transformers.AutoConfig.from_pretrained(ident))
     except Exception as e:
         raise _offline_error(spec, e) from None
     model = getattr(model, "vision_model", model)  # CLIP / SigLIP pairs: keep the image tower
     size, mean, std = 224, IMAGENET_MEAN, IMAGENET_STD
     try:
-        proc = transformers.AutoImageProcessor.from_pretrained(ident)
+        with _hub_offline_if_unreachable():
+            proc = transformers.AutoImageProcessor.from_pretrained(ident)
         mean, std = tuple(proc.image_mean), tuple(proc.image_std)
         s = proc.crop_size if getattr(proc, "do_center_crop", False) and getattr(proc, "crop_size", None) else proc.size
         size = int(s.get("height") or s.get("shortest_edge") or 224) if isinstance(s, dict) else int(s)
@@ -343,7 +381,8 @@ def load_openclip(ident: str, name: str, spec: str, layer: str | None, pretraine
         raise UsaeError(f"{spec}: needs the open_clip package: pip install 'usae[openclip]'") from None
     arch, _, tag = ident.partition("/")
     try:
-        model = open_clip.create_model(arch, pretrained=(tag or None) if pretrained else None)
+        with _hub_offline_if_unreachable():
+            model = open_clip.create_model(arch, pretrained=(tag or None) if pretrained else None)
     except Exception as e:
         raise _offline_error(spec, e) from None
     visual = model.visual

@@ -82,6 +82,7 @@ def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: 
     metadata = {**(metadata or {}), CHECKSUM_KEY: tensors_sha256(tensors)}
     try:
         save_file(tensors, str(tmp), metadata=metadata)
+        _sort_metadata_in_place(tmp)
         fsync_path(tmp)
         tmp.replace(path)
     except (OSError, SafetensorError) as e:
@@ -89,6 +90,25 @@ def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: 
             tmp.unlink()
         msg = getattr(e, "strerror", None) or _one_line(e)
         raise UsaeError(f"{path}: could not write ({msg}); the previous file is unchanged") from None
+
+
+def _sort_metadata_in_place(path: Path) -> None:
+    """Rewrite the header's ``__metadata__`` in key order (same length, same offsets).
+
+    safetensors writes metadata in hash-map order, which changes from process to process; sorted,
+    the same tensors always give the same bytes (a finished run resumed is byte-for-byte a no-op).
+    """
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        raw = f.read(n)
+        header = json.loads(raw)
+        if len(header.get("__metadata__") or {}) < 2:
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        new = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(new) <= n:  # always equal in practice; the padding keeps the data offset
+            f.seek(8)
+            f.write(new.ljust(n, b" "))
 
 
 def _one_line(e: BaseException) -> str:
@@ -144,9 +164,7 @@ def run_config(sae: UniversalSAE, train: dict[str, Any], store: dict[str, Any]) 
     }
 
 
-def read_run_config(
-    run_dir: Path, formats: tuple[str, ...] = ("usae-run",), older_ok: bool = False
-) -> dict[str, Any]:
+def read_run_config(run_dir: Path, formats: tuple[str, ...] = ("usae-run",), older_ok: bool = False) -> dict[str, Any]:
     """RUN/config.json, checked for format, schema version and the 'sae' field.
 
     ``older_ok``: also accept schema versions that :func:`migrate_tensors` upgrades (for loading
@@ -310,12 +328,18 @@ def save_checkpoint(
     final = root / f"step-{step:08d}"
     tmp = root / f".step-{step:08d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_tensors_atomic(tmp / MODEL_NAME, sae.state_dict())
-    opt_tensors, opt_meta = _flatten_optimizer(optimizer)
-    save_tensors_atomic(tmp / "optimizer.safetensors", opt_tensors, opt_meta)
-    save_tensors_atomic(tmp / "trainer.safetensors", trainer)
-    write_json_atomic(tmp / "state.json", {"step": step, **state})
+    try:
+        tmp.mkdir()
+        save_tensors_atomic(tmp / MODEL_NAME, sae.state_dict())
+        opt_tensors, opt_meta = _flatten_optimizer(optimizer)
+        save_tensors_atomic(tmp / "optimizer.safetensors", opt_tensors, opt_meta)
+        save_tensors_atomic(tmp / "trainer.safetensors", trainer)
+        write_json_atomic(tmp / "state.json", {"step": step, **state})
+    except (UsaeError, OSError) as e:  # disk full: free what was written; older checkpoints stay
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, UsaeError):
+            raise
+        raise UsaeError(f"{tmp}: could not write checkpoint ({e.strerror or e})") from None
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
@@ -381,7 +405,9 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, str],
         groups = json.loads(meta["param_groups"])
     except (KeyError, ValueError, RecursionError):
         raise UsaeError(f"{where}: missing or malformed 'param_groups' metadata") from None
-    if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
+    if not isinstance(groups, list) or not all(
+        isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups
+    ):
         raise UsaeError(f"{where}: 'param_groups' metadata is not a list of parameter groups")
     state: dict[int, dict[str, torch.Tensor]] = {}
     for name, t in tensors.items():

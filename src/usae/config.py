@@ -94,7 +94,8 @@ class TrainConfig:
     models: tuple[str, ...] | None = None
     """Subset of the store's models to train on (default: all, in store order)."""
     lr: float | None = None
-    """Peak learning rate. Default: 3e-2 whatever n_latents and batch size (measured in docs/defaults.md)."""
+    """Peak learning rate. Default: 3e-2 · min(1, 128 / widest model's d), whatever n_latents and batch
+    size (measured in docs/defaults.md)."""
     warmup_steps: int | None = None
     """Linear warmup steps. Default: 5% of steps (at most 1000)."""
     lr_end_ratio: float = 0.0

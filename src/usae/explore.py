@@ -8,7 +8,7 @@
     img/<j>.jpg           canonical view of store image j (what every backbone saw)
     max/<k>/*.png         coordinated activation maximisation of concept k, when it was run
     figures/*.png         report figures (usae.report)
-    assets/               explorer.css, explorer.js (sorting, filtering, heatmap drawing)
+    assets/               explorer.css, explorer.js (sorting, filtering, heatmap drawing), colormap.js
 
 An image's score for a concept is the concept's largest code over the image's tokens. The top-N
 images of every (model, concept) pair are found in one streaming pass that keeps only an
@@ -21,7 +21,6 @@ browser's bilinear filter; ``overlay`` renders the same picture in Python.
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 import time
 from collections.abc import Iterator
@@ -36,6 +35,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from usae.checkpoint import load
+from usae.config import ExploreConfig
 from usae.errors import UsaeError
 from usae.sae import SparseCode, UniversalSAE
 from usae.store import Store, open_store
@@ -332,13 +332,13 @@ def explore(
     Options are the fields of ``usae.config.ExploreConfig`` (n_top, labels, batch_images,
     concepts_per_image, maximize_top, maximize_steps, device, progress).
     """
-    from usae.config import ExploreConfig
-
     return explore_cli(ExploreConfig(run=Path(run_dir), store=Path(store_dir), out=Path(out_dir), **opts))
 
 
-def explore_cli(cfg: Any) -> Path:
+def explore_cli(cfg: ExploreConfig) -> Path:
     """``usae explore``: build the site in a temporary sibling directory, then move it into place."""
+    from usae.explore_site import build_site  # the site module imports this one
+
     out = Path(cfg.out).absolute()
     if out.exists() and not (out.is_dir() and ((out / SITE_MARKER).is_file() or not any(out.iterdir()))):
         raise UsaeError(f"{out} exists and is not a concept explorer site; refusing to replace it")
@@ -347,8 +347,6 @@ def explore_cli(cfg: Any) -> Path:
     tmp.mkdir(parents=True)
     started = time.perf_counter()
     try:
-        from usae.explore_site import build_site
-
         build_site(cfg, tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -359,10 +357,3 @@ def explore_cli(cfg: Any) -> Path:
     tmp.rename(out)
     log.info("wrote concept explorer %s in %.1f s", out / "index.html", time.perf_counter() - started)
     return out / "index.html"
-
-
-def heat_hex(heat_t: np.ndarray, vmax: float) -> str:
-    """Token values as one hex byte each (0..255 of ``vmax``): the site's compact heatmap format."""
-    if not vmax > 0 or not math.isfinite(vmax):
-        return "00" * len(heat_t)
-    return np.clip(np.round(np.asarray(heat_t) / vmax * 255), 0, 255).astype(np.uint8).tobytes().hex()

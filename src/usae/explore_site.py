@@ -4,31 +4,37 @@ the report, the streamed top images and their token maps. See ``usae.explore`` f
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from usae import report as report_mod
+from usae.config import ExploreConfig, read_json
 from usae.errors import UsaeError
+from usae.evaluate import evaluate
 from usae.explore import (
     OVERLAY_ALPHA,
     THUMB_SIZE,
     TopImages,
     colormap_lut,
-    heat_hex,
     image_layout,
     iter_image_codes,
     load_view,
     open_run_store,
     scan_top_images,
 )
+from usae.maximize import RESULT_NAME, concept_dir_re, maximize, write_maximization
 from usae.sae import UniversalSAE
 from usae.store import Store
 
@@ -44,9 +50,7 @@ def _fmt(v: Any) -> str:
     return f"{float(v) + 0.0:.3g}"
 
 
-def _environment() -> Any:
-    import jinja2
-
+def _environment() -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
         autoescape=jinja2.select_autoescape(["html"], default_for_string=True),
@@ -55,6 +59,7 @@ def _environment() -> Any:
         lstrip_blocks=True,
     )
     env.filters["num"] = _fmt
+    env.filters["short"] = lambda image_id: str(image_id).rstrip("/").rsplit("/", 1)[-1]  # paths: the file name
     return env
 
 
@@ -62,8 +67,6 @@ def _read_labels(path: Path | None, n_latents: int) -> dict[int, str]:
     """User concept labels: a JSON object {"<concept>": "label"} (e.g. written by hand or a labeller)."""
     if path is None:
         return {}
-    from usae.config import read_json
-
     data = read_json(path, "concept labels")
     if not isinstance(data, dict):
         raise UsaeError(f"{path}: concept labels must be a JSON object mapping concept ids to text")
@@ -75,11 +78,8 @@ def _read_labels(path: Path | None, n_latents: int) -> dict[int, str]:
     return labels
 
 
-def _run_report(cfg: Any, sae: UniversalSAE, store: Store) -> dict[str, Any]:
+def _run_report(cfg: ExploreConfig, sae: UniversalSAE, store: Store) -> dict[str, Any]:
     """RUN/report.json when it was computed on this store, else a fresh ``evaluate`` (not saved to RUN)."""
-    from usae.config import read_json
-    from usae.evaluate import evaluate
-
     path = Path(cfg.run) / "report.json"
     if path.is_file():
         report = read_json(path, "report")
@@ -91,8 +91,6 @@ def _run_report(cfg: Any, sae: UniversalSAE, store: Store) -> dict[str, Any]:
 
 
 def _write_figures(report: dict[str, Any], fig_dir: Path) -> list[dict[str, str]]:
-    from usae import report as report_mod
-
     fig_dir.mkdir()
     reports, labels = [report], report_mod.store_labels([report])
     thresholds = report_mod.thresholds_of(report)
@@ -118,8 +116,6 @@ def _write_figures(report: dict[str, Any], fig_dir: Path) -> list[dict[str, str]
 
 def _concept_rows(report: dict[str, Any], labels: dict[int, str], top: TopImages) -> list[dict[str, Any]]:
     """Per concept: the report's numbers, its class and label, and whether it has any top image."""
-    from usae import report as report_mod
-
     names, n_rows = report["model_names"], report["n_rows"]
     classes = report_mod.classify(report, report_mod.thresholds_of(report))
     rows = []
@@ -149,9 +145,6 @@ def _concept_rows(report: dict[str, Any], labels: dict[int, str], top: TopImages
 
 def _maximizations(max_dir: Path, site_dir: Path, names: list[str]) -> dict[int, dict[str, Any]]:
     """Copy every RUN/maximize/concept-<k>/ result into the site; concept -> page data."""
-    from usae.config import read_json
-    from usae.maximize import RESULT_NAME, concept_dir_re
-
     found = {}
     for src in sorted(max_dir.glob("concept-*")) if max_dir.is_dir() else []:
         m = concept_dir_re.fullmatch(src.name)
@@ -183,7 +176,7 @@ def _save_thumb(store: Store, j: int, path: Path) -> None:
     img.save(path, quality=88)
 
 
-def build_site(cfg: Any, site: Path) -> None:
+def build_site(cfg: ExploreConfig, site: Path) -> None:
     """Every page of the explorer into the (empty) directory ``site``."""
     sae, store = open_run_store(cfg.run, cfg.store, cfg.device)
     layout = image_layout(store)
@@ -198,10 +191,12 @@ def build_site(cfg: Any, site: Path) -> None:
         (site / sub).mkdir()
     for asset in ("explorer.css", "explorer.js"):
         shutil.copy2(Path(__file__).parent / "templates" / asset, site / "assets" / asset)
+    # the heatmap colours, shared with overlay(); a script file, since file:// pages cannot fetch JSON
+    (site / "assets" / "colormap.js").write_text(f"window.USAE_LUT = {json.dumps(colormap_lut().tolist())};\n")
     figures = _write_figures(report, site / "figures")
     top = scan_top_images(sae, store, cfg.n_top, batch_images=cfg.batch_images, progress=cfg.progress)
     concepts = _concept_rows(report, labels, top)
-    common = {"names": names, "lut": colormap_lut().tolist(), "grid": list(layout.grid), "alpha": OVERLAY_ALPHA}
+    common = {"names": names, "grid": list(layout.grid), "alpha": OVERLAY_ALPHA}
     heat_et, ent = _image_pass(cfg, sae, store, top, concepts, report.get("tau", 0.1), env, common, site)
     maxi = _maximizations(Path(cfg.run) / "maximize", site, names)
     _concept_pages(top, concepts, heat_et, ent, layout, maxi, env, common, site, cfg.progress)
@@ -235,80 +230,94 @@ def _image_pass(cfg, sae, store, top, concepts, report_tau, env, common, site) -
     wanted = np.unique(ent_img)
     heat_et = np.zeros((len(ent), layout.tokens_per_image), np.float32)
     vmax_ms = top.value_msn[:, :, 0].numpy()
-    tau = float(report_tau)
     template = env.get_template("image.html")
     bar = tqdm(total=len(wanted), unit="img", desc="explore: image pages", disable=not cfg.progress)
-    for chunk, codes in iter_image_codes(sae, store, wanted, batch_images=cfg.batch_images):
-        lo, hi = np.searchsorted(ent_img, [chunk[0], chunk[-1] + 1])
-        loc_e = np.searchsorted(chunk, ent_img[lo:hi])
-        for i, name in enumerate(sae.model_names):
-            mine = ent[lo:hi, 0] == i
-            loc, k = torch.from_numpy(loc_e[mine]), torch.from_numpy(ent[lo:hi][mine, 1])
-            heat_et[lo:hi][mine] = codes[name][loc, :, k].cpu().numpy()  # (entries, t)
-        for loc, j in enumerate(chunk.tolist()):
-            _save_thumb(store, j, site / "img" / f"{j}.jpg")
-            z_mts = torch.stack([codes[n][loc] for n in sae.model_names]).cpu()
-            seen = _seen_by(z_mts, vmax_ms, concepts, cfg.concepts_per_image, tau)
-            page = template.render(
-                **common, root="../", title=f"Image {j}", j=j, image_id=layout.image_ids[j], seen=seen
-            )
-            (site / "images" / f"{j}.html").write_text(page)
-        bar.update(len(chunk))
+    # PIL decodes and encodes with the GIL released: thumbnails overlap with the rendering below.
+    with ThreadPoolExecutor(2) as pool:
+        for chunk, codes in iter_image_codes(sae, store, wanted, batch_images=cfg.batch_images):
+            thumbs = [pool.submit(_save_thumb, store, j, site / "img" / f"{j}.jpg") for j in chunk.tolist()]
+            z_mbts = torch.stack([codes[n] for n in sae.model_names]).cpu()
+            lo, hi = np.searchsorted(ent_img, [chunk[0], chunk[-1] + 1])
+            loc_e = torch.from_numpy(np.searchsorted(chunk, ent_img[lo:hi]))
+            m_e, k_e = torch.from_numpy(ent[lo:hi, 0]), torch.from_numpy(ent[lo:hi, 1])
+            heat_et[lo:hi] = z_mbts[m_e, loc_e, :, k_e].numpy()  # (entries, t)
+            seen = _seen_by(z_mbts, vmax_ms, concepts, cfg.concepts_per_image, float(report_tau))
+            for loc, j in enumerate(chunk.tolist()):
+                page = template.render(
+                    **common, root="../", title=f"Image {j}", j=j, image_id=layout.image_ids[j], seen=seen[loc]
+                )
+                (site / "images" / f"{j}.html").write_text(page)
+            for future in thumbs:
+                future.result()
+            bar.update(len(chunk))
     bar.close()
     return heat_et, ent
 
 
-def _seen_by(z_mts: Tensor, vmax_ms: np.ndarray, concepts: list, n: int, tau: float) -> list[list[dict[str, Any]]]:
-    """Per model, the ``n`` concepts firing most on one image, with their token maps.
+def _seen_by(z_mbts: Tensor, vmax_ms: np.ndarray, concepts: list, n: int, tau: float) -> list[list[list[dict]]]:
+    """For each of b images, per model: the ``n`` concepts firing most on it, with their token maps.
 
-    ``shared`` marks concepts that fire (code > tau) on this image in every model.
+    ``z_mbts``: (m, b, t, s) codes. ``shared`` marks concepts that fire (code > tau) on the image in
+    every model. Heatmaps are scaled to the concept's top image in that model (``vmax_ms``).
     """
-    score_ms = z_mts.amax(1)
-    shared_s = (score_ms > tau).all(0)
+    m, b, t, s = z_mbts.shape
+    score_mbs = z_mbts.amax(2)
+    shared_bs = (score_mbs > tau).all(0).numpy()
+    top = score_mbs.topk(min(n, s), dim=2)  # (m, b, n)
+    idx_mbn, val_mbn = top.indices.numpy(), top.values.numpy()
+    maps_mbtn = z_mbts.gather(3, top.indices[:, :, None, :].expand(-1, -1, t, -1)).numpy()
+    scale_mbn = vmax_ms[np.arange(m)[:, None, None], idx_mbn]
+    scale_mbn = np.where(scale_mbn > 0, scale_mbn, 1.0)
+    q_mbtn = np.clip(np.round(maps_mbtn / scale_mbn[:, :, None, :] * 255), 0, 255).astype(np.uint8)
     out = []
-    for i, score_s in enumerate(score_ms):
-        top = score_s.topk(min(n, score_s.numel()))
-        col = []
-        for v, k in zip(top.values.tolist(), top.indices.tolist(), strict=True):
-            if v > 0:
-                c, hx = concepts[k], heat_hex(z_mts[i, :, k].numpy(), vmax_ms[i, k])
-                col.append(
-                    {"k": k, "label": c["label"], "cls": c["cls"], "value": v, "hex": hx, "shared": bool(shared_s[k])}
-                )
-        out.append(col)
+    for loc in range(b):
+        per_model = []
+        for i in range(m):
+            col = []
+            for r, (k, v) in enumerate(zip(idx_mbn[i, loc].tolist(), val_mbn[i, loc].tolist(), strict=True)):
+                if v > 0:
+                    c, hx = concepts[k], q_mbtn[i, loc, :, r].tobytes().hex()
+                    col.append(
+                        {
+                            "k": k,
+                            "label": c["label"],
+                            "cls": c["cls"],
+                            "value": v,
+                            "hex": hx,
+                            "shared": bool(shared_bs[loc, k]),
+                        }
+                    )
+            per_model.append(col)
+        out.append(per_model)
     return out
 
 
 def _concept_pages(top, concepts, heat_et, ent, layout, maxi, env, common, site, progress) -> None:
     template = env.get_template("concept.html")
-    slot = {tuple(e): n for n, e in enumerate(ent.tolist())}  # (model, concept, rank) -> row of heat_et
-    live = [c for c in concepts if c["live"]]
-    for c in tqdm(live, unit="page", desc="explore: concept pages", disable=not progress):
+    value_msn, image_msn = top.value_msn.numpy(), top.image_msn.numpy()
+    # one byte per token, scaled to the concept's top image in that model
+    vmax_e = value_msn[ent[:, 0], ent[:, 1], 0]
+    q_et = np.clip(np.round(heat_et / np.where(vmax_e > 0, vmax_e, 1.0)[:, None] * 255), 0, 255).astype(np.uint8)
+    hex_msn = np.full(image_msn.shape, "", dtype=object)
+    hex_msn[ent[:, 0], ent[:, 1], ent[:, 2]] = [row.tobytes().hex() for row in q_et]
+    for c in tqdm([c for c in concepts if c["live"]], unit="page", desc="explore: concept pages", disable=not progress):
         k, columns = c["id"], []
         for i, name in enumerate(common["names"]):
-            vmax = float(top.value_msn[i, k, 0])
-            cards = []
-            for r in range(top.image_msn.shape[2]):
-                j = int(top.image_msn[i, k, r])
-                if j >= 0:
-                    hx = heat_hex(heat_et[slot[i, k, r]], vmax)
-                    cards.append(
-                        {"j": j, "image_id": layout.image_ids[j], "value": float(top.value_msn[i, k, r]), "hex": hx}
-                    )
+            cards = [
+                {"j": int(j), "image_id": layout.image_ids[j], "value": float(v), "hex": hx}
+                for j, v, hx in zip(image_msn[i, k], value_msn[i, k], hex_msn[i, k], strict=True)
+                if j >= 0
+            ]
             columns.append({"name": name, "cards": cards})
-        thumb = columns[c["thumb_model"]]["cards"][:1] or next(
-            (col["cards"][:1] for col in columns if col["cards"]), []
-        )
-        c["thumb"] = thumb[0] if thumb else None
+        # the index's thumbnail: the top image in the model that fires most, else in any model
+        firsts = [columns[c["thumb_model"]]["cards"][:1], *(col["cards"][:1] for col in columns)]
+        c["thumb"] = next((f[0] for f in firsts if f), None)
         page = template.render(**common, root="../", title=f"Concept {k}", c=c, columns=columns, maxi=maxi.get(k))
         (site / "concepts" / f"{k}.html").write_text(page)
 
 
-def _maximize_top(cfg: Any, report: dict[str, Any]) -> None:
+def _maximize_top(cfg: ExploreConfig, report: dict[str, Any]) -> None:
     """Run coordinated maximisation for the ``maximize_top`` universal concepts of most energy."""
-    from usae import report as report_mod
-    from usae.maximize import maximize, write_maximization
-
     classes = report_mod.classify(report, report_mod.thresholds_of(report))
     energy_s = np.sum([report["energy"][n] for n in report["model_names"]], axis=0)
     ranked = [int(k) for k in np.argsort(-energy_s, kind="stable") if classes[k] == "universal"]

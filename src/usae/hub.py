@@ -227,7 +227,7 @@ def export_run(
     """``save_pretrained`` of a trained run, with its training summary, store details and report.
 
     Headline metrics come from RUN/report.json when present (``usae evaluate`` writes it); model
-    details from the store's ``extra["backbones"][model]`` when the store is still there.
+    details from the store's ``extra["backbones"]`` (written by ``usae extract``) when the store is still there.
     """
     run_dir = Path(run_dir)
     run_cfg = read_run_config(run_dir, ("usae-run",), older_ok=True)
@@ -266,6 +266,8 @@ def _store_models_info(store_path: Any, names: list[str], data: dict[str, Any]) 
     if store.image_ids is not None:
         data["n_images"] = len(store.image_ids)
     backbones = store.extra.get("backbones")
+    if isinstance(backbones, list):  # `usae extract` writes one {"name", "spec", "layer", ...} per model
+        backbones = {b["name"]: b for b in backbones if isinstance(b, dict) and isinstance(b.get("name"), str)}
     if not isinstance(backbones, dict):
         return {}
     return {n: dict(backbones[n]) for n in names if isinstance(backbones.get(n), dict)}

@@ -82,7 +82,9 @@ def read_official_config(path: str | Path) -> OfficialConfig:
     if not isinstance(zoo, dict) or not zoo:
         raise UsaeError(f"{path}: missing field 'model_zoo' (one entry per model)")
     if glob.get("divide_norm"):
-        raise UsaeError(f"{path}: global.divide_norm is true: per-row norm division has no fixed normalisation to import")
+        raise UsaeError(
+            f"{path}: global.divide_norm is true: per-row norm division has no fixed normalisation to import"
+        )
     standardize = glob.get("standardize", True)
     top_k = params.get("top_k")
     if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
@@ -91,7 +93,9 @@ def read_official_config(path: str | Path) -> OfficialConfig:
     if encoder not in ENCODERS:
         raise UsaeError(f"{path}: sae_params.encoder_module {encoder!r} is not supported (one of {list(ENCODERS)})")
     dict_params = params.get("dictionary_params") or {}
-    norm = params.get("dictionary_normalization", dict_params.get("normalization", "l2") if isinstance(dict_params, dict) else "l2")
+    norm = params.get(
+        "dictionary_normalization", dict_params.get("normalization", "l2") if isinstance(dict_params, dict) else "l2"
+    )
     if norm not in NORMALIZATIONS:
         raise UsaeError(f"{path}: dictionary normalization {norm!r} is not supported (one of {list(NORMALIZATIONS)})")
     models = [_official_model(path, name, entry, bool(standardize)) for name, entry in zoo.items()]
@@ -223,7 +227,9 @@ def _fill_head(
         if t is None:
             raise UsaeError(f"{path}: missing tensor {key!r} (an Overcomplete {cfg.encoder_module} TopKSAE has it)")
         if tuple(t.shape) != shape:
-            raise UsaeError(f"{path}: tensor {key!r} has shape {tuple(t.shape)}, expected {shape} (d = {d} from the YAML)")
+            raise UsaeError(
+                f"{path}: tensor {key!r} has shape {tuple(t.shape)}, expected {shape} (d = {d} from the YAML)"
+            )
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise UsaeError(f"{path}: tensor {key!r} holds NaN or inf")
     unexpected = sorted(set(state) - set(expected) - set(optional))

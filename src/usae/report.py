@@ -166,9 +166,13 @@ def figure_cofire_energy(reports: list[dict[str, Any]], labels: list[str]) -> Fi
             energy_s = np.asarray(report["energy"][name], dtype=np.float64)
             r, n = loglog_pearson(energy_s, cofires_s)
             keep = (energy_s > 0) & (cofires_s > 0)
-            ax.scatter(energy_s[keep], cofires_s[keep], s=5, alpha=0.6)
-            ax.set(xscale="log", yscale="log", xlabel=f"energy ({name})", ylabel="co-fire count")
             ax.set_title(f"{label} / {name}: r = {r:.2f} (n={n})", fontsize=9)
+            ax.set(xlabel=f"energy ({name})", ylabel="co-fire count")
+            if not keep.any():  # log axes need a positive point; a model can have none (all dead)
+                ax.text(0.5, 0.5, "no concept with energy > 0\nthat co-fires", ha="center", va="center", transform=ax.transAxes)
+                continue
+            ax.scatter(energy_s[keep], cofires_s[keep], s=5, alpha=0.6)
+            ax.set(xscale="log", yscale="log")
     return fig
 
 

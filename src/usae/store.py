@@ -13,6 +13,7 @@ Statistics and the content hash are accumulated while writing; nothing is read b
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -368,7 +369,11 @@ class StoreWriter:
         self._closed = True
         shutil.rmtree(self.partial_dir, ignore_errors=True)
         kept = f"; {self.store_dir} is unchanged" if self.store_dir.exists() else ""
-        raise UsaeError(f"{path}: could not write ({e.strerror or _one_line(e)}); nothing was published{kept}") from None
+        why = e.strerror or _one_line(e)
+        if e.errno is None:  # numpy's short write carries no errno: say how much room there was
+            with contextlib.suppress(OSError):
+                why += f", {shutil.disk_usage(self.store_dir.parent).free} bytes free on the device"
+        raise UsaeError(f"{path}: could not write ({why}); nothing was published{kept}") from None
 
     def _metadata(self) -> dict[str, Any]:
         from usae import __version__  # deferred: usae/__init__ may import this module

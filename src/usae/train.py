@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -50,17 +51,23 @@ DEAD_CHECK_EVERY = 25
 
 
 DEFAULT_LR = 3e-2
+DEFAULT_LR_WIDTH = 128
 
 
-def default_lr(n_latents: int) -> float:
-    """Peak LR used when --lr is not given: 3e-2 for any n_latents and batch size.
+def default_lr(widths: Iterable[int]) -> float:
+    """Peak LR used when --lr is not given: 3e-2 · min(1, 128 / widest model's d).
 
-    Measured in docs/defaults.md: on four differently shaped synthetic worlds the best peak LR
-    stayed at 2e-2..3e-2 from 256 to 4096 latents and at batch 1024 and 4096, and 3e-2 sits at
-    least 1.9x above every lower limit and 2.1x below every failure seen. (A 1/sqrt(n_latents)
-    rule fell below the good range as n_latents grew.) ``n_latents`` is kept for callers.
+    Why 1/d: with Adam every encoder weight moves by about the LR per step, so a pre-activation
+    w·x over d unit-scale inputs moves by about LR·d; keeping that step constant needs LR ∝ 1/d
+    (the muP rule for a layer's fan-in). Measured: on four synthetic worlds with d ≤ 128 the best
+    peak LR was 2e-2..3e-2 for 256 to 4096 latents and batch 1024 to 4096 (docs/defaults.md); on a
+    synthetic world with d = 1280/1024/512 and on the real demo store (EfficientNet-Lite0 1280,
+    Open-NSFW 1024, CRAFT 512) 3e-2 killed 35–94 % of the latents, while 3e-3 recovered every planted
+    concept (world) and gave the best R² of {3e-2, 1e-2, 3e-3, 1e-3} (demo store, 600 steps).
     """
-    return DEFAULT_LR
+    widths = list(widths)
+    d_max = max(widths) if widths else DEFAULT_LR_WIDTH
+    return DEFAULT_LR * min(1.0, DEFAULT_LR_WIDTH / d_max)
 
 
 def lr_at(step: int, peak: float, warmup: int, total: int, end_ratio: float = 0.0) -> float:
@@ -198,15 +205,15 @@ def resolve_device(device: str) -> torch.device:
         raise UsaeError(f"--device: unknown device {device!r}") from None
 
 
-def resolved_train_dict(cfg: TrainConfig, names: list[str]) -> dict[str, Any]:
-    """TrainConfig as saved: auto values replaced by the numbers used."""
+def resolved_train_dict(cfg: TrainConfig, widths: dict[str, int]) -> dict[str, Any]:
+    """TrainConfig as saved (``widths``: the trained models' d, in order): auto values filled in."""
     return to_json_dict(
         dataclasses.replace(
             cfg,
-            lr=cfg.lr if cfg.lr is not None else default_lr(cfg.n_latents),
+            lr=cfg.lr if cfg.lr is not None else default_lr(widths.values()),
             warmup_steps=cfg.resolved_warmup(),
             k_aux=cfg.resolved_k_aux(),
-            models=tuple(names),
+            models=tuple(widths),
         )
     )
 
@@ -343,7 +350,7 @@ def _start_run(cfg: TrainConfig, store: Store, names: list[str], order: DataOrde
     state = TrainerState(
         torch.zeros(len(names), cfg.n_latents, dtype=torch.int64, device=device), torch.zeros((), dtype=torch.int64)
     )
-    train_dict = resolved_train_dict(cfg, names)
+    train_dict = resolved_train_dict(cfg, {n: store.widths[n] for n in names})
     run_cfg = ckpt_io.run_config(sae, train_dict, {"path": str(store.path), "hash": store.hash, "n_rows": store.n_rows})
     if cfg.resume:
         _check_resume_store(cfg, store)

@@ -6,8 +6,7 @@
   const body = document.body;
   const grid = (body.dataset.grid || "1,1").split(",").map(Number);
   const alpha = Number(body.dataset.alpha || "0.7");
-  const lutNode = document.getElementById("usae-lut");
-  const lut = lutNode ? JSON.parse(lutNode.textContent) : [];
+  const lut = window.USAE_LUT || [];  // 256 RGB colours, from assets/colormap.js
 
   // One byte per token (hex, row-major on the store grid) -> a small RGBA canvas whose colour and
   // opacity grow with the value; the browser's bilinear filter upsamples it over the image.
@@ -34,6 +33,8 @@
     canvas.dataset.drawn = "1";
   }
   document.querySelectorAll("canvas.heat").forEach(drawHeat);
+  const toggle = document.getElementById("show-heat");
+  if (toggle) toggle.addEventListener("change", () => body.classList.toggle("no-heat", !toggle.checked));
 
   const table = document.getElementById("concepts");
   if (!table) return;

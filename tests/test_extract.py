@@ -1,5 +1,6 @@
 """Extraction: paired rows, alignment through the whole pipeline, bad images, resume, torchrun."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -188,3 +189,20 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     a, b = (json.loads((p / "metadata.json").read_text()) for p in (one, two))
     assert a["hash"] == b["hash"] and a["image_ids"] == b["image_ids"] and a["n_rows"] == 9 * 64
+
+
+def test_nan_or_float16_overflow_stops_with_the_model_and_image_named(tmp_path):
+    _write_images(tmp_path / "imgs", 3)
+
+    def backbone(scale: float) -> TorchBackbone:
+        return TorchBackbone(nn.AvgPool2d(16), "loud", 64, features=lambda m, x: m(x) * scale)
+
+    cfg = ExtractConfig(images=str(tmp_path / "imgs"), models=(), out=tmp_path / "s", device="cpu")
+    with pytest.raises(UsaeError, match=r"model loud: values beyond float16 range .* image sub0/img000.png"):
+        extract(cfg, [backbone(1e6)])
+    cfg = ExtractConfig(images=str(tmp_path / "imgs"), models=(), out=tmp_path / "t", device="cpu")
+    with pytest.raises(UsaeError, match="model loud: NaN/inf"):
+        extract(cfg, [backbone(float("nan"))])
+    assert not (tmp_path / "s").exists() and not (tmp_path / "t").exists()
+    ok = extract(dataclasses.replace(cfg, out=tmp_path / "u", dtype="float32"), [backbone(1e6)])
+    assert open_store(ok).rows("loud", 0, 1).max() > 1e5

@@ -123,12 +123,11 @@ def _forward(backbones: list[Backbone], views: list[np.ndarray], grid, device: t
 
 
 def _check_values(x: np.ndarray, name: str, ids: list[str], t: int, dtype: str) -> None:
-    bad_rows = ~np.isfinite(x).all(axis=1)
-    if dtype == "float16":
-        bad_rows |= (np.abs(x) > _FP16_MAX).any(axis=1)
+    nonfinite_rows = ~np.isfinite(x).all(axis=1)
+    bad_rows = nonfinite_rows | (np.abs(x) > _FP16_MAX).any(axis=1) if dtype == "float16" else nonfinite_rows
     if bad_rows.any():
         first = ids[int(np.argmax(bad_rows)) // t]
-        what = "NaN/inf" if not np.isfinite(x).all() else "values beyond float16 range (use --dtype float32)"
+        what = "NaN/inf" if nonfinite_rows.any() else "values beyond float16 range (use --dtype float32)"
         raise UsaeError(f"model {name}: {what} in its activations of image {first}")
 
 

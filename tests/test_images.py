@@ -56,3 +56,12 @@ def test_builtin_demo_set_is_offline_and_deterministic():
     assert a.ids == b.ids and len(a) >= 10
     assert any(i.endswith("chelsea.png") for i in a.ids)
     assert a.load(0).mode == "RGB"
+
+
+def test_exif_rotation_is_applied(tmp_path):
+    arr = np.zeros((10, 30, 3), np.uint8)  # wide image, stored sideways with orientation 6 (90° CW)
+    img = Image.fromarray(arr)
+    exif = img.getexif()
+    exif[0x0112] = 6
+    img.save(tmp_path / "r.jpg", exif=exif)
+    assert load_rgb(tmp_path / "r.jpg").size == (10, 30)

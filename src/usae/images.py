@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from usae.errors import UsaeError
 
@@ -64,7 +64,8 @@ def load_rgb(path: str | Path) -> Image.Image:
     try:
         with Image.open(path) as img:
             img.load()  # decode now: truncated files fail here, not later
-            return flatten_alpha(img)
+            # camera photos store their rotation in EXIF; models should see them upright
+            return flatten_alpha(ImageOps.exif_transpose(img))
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
         raise BadImage(f"{path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
 

@@ -377,6 +377,8 @@ class DemoConfig:
     """Training steps."""
     batch_size: int = 512
     """Tokens per step."""
+    maximize: int = 1
+    """Render this many universal concepts by coordinated activation maximisation (short on CPU)."""
     synthetic: bool = False
     """Run the synthetic-world demo instead (planted concepts, checks their recovery)."""
     seed: int = 0
@@ -623,13 +625,15 @@ class ExploreConfig:
     """Also run coordinated activation maximisation for the N universal concepts of most energy."""
     maximize_steps: int = 128
     """Optimisation steps of those maximisations."""
+    maximize_crops: int = 6
+    """Random crops scored per step in those maximisations."""
     device: str = "auto"
     """'auto', 'cpu', 'cuda', ..."""
     progress: bool = True
     """Show progress bars."""
 
     def __post_init__(self) -> None:
-        for name in ("n_top", "concepts_per_image", "batch_images", "maximize_steps"):
+        for name in ("n_top", "concepts_per_image", "batch_images", "maximize_steps", "maximize_crops"):
             if getattr(self, name) < 1:
                 raise UsaeError(f"explore: {name} must be >= 1, got {getattr(self, name)}")
         if self.maximize_top < 0:

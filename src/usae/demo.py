@@ -40,7 +40,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Pretrained models on offline photos -> store -> universal SAE -> report -> explorer."""
     from usae.evaluate import evaluate_cli
     from usae.extract import extract
-    from usae.train import fit
+    from usae.train import fit, resolve_device
 
     out = Path(cfg.out)
     store_dir, run_dir = out / "store", out / "run"
@@ -81,7 +81,13 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         explore = None
     if explore is not None:
         t0 = time.perf_counter()
-        explorer = explore(run_dir, store_dir, out / "explorer")
+        # Coordinated maximisation through three CNNs costs minutes per concept on a CPU: keep it
+        # short there (about a minute for one concept), full length on a GPU.
+        on_gpu = resolve_device(cfg.device).type == "cuda"
+        explorer = explore(
+            run_dir, store_dir, out / "explorer", device=cfg.device, maximize_top=cfg.maximize,
+            maximize_steps=256 if on_gpu else 48, maximize_crops=6 if on_gpu else 2,
+        )  # fmt: skip
         timings["explore_s"] = time.perf_counter() - t0
     summary = {
         "store": str(store_dir),

@@ -330,7 +330,7 @@ def explore(
     """Write the concept explorer for ``run_dir`` on ``store_dir`` to ``out_dir``; return index.html.
 
     Options are the fields of ``usae.config.ExploreConfig`` (n_top, labels, batch_images,
-    concepts_per_image, maximize_top, maximize_steps, device, progress).
+    concepts_per_image, maximize_top, maximize_steps, maximize_crops, device, progress).
     """
     return explore_cli(ExploreConfig(run=Path(run_dir), store=Path(store_dir), out=Path(out_dir), **opts))
 

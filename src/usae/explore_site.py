@@ -323,6 +323,7 @@ def _maximize_top(cfg: ExploreConfig, report: dict[str, Any]) -> None:
     ranked = [int(k) for k in np.argsort(-energy_s, kind="stable") if classes[k] == "universal"]
     for k in ranked[: cfg.maximize_top]:
         result = maximize(
-            cfg.run, k, store=cfg.store, steps=cfg.maximize_steps, device=cfg.device, progress=cfg.progress
+            cfg.run, k, store=cfg.store, steps=cfg.maximize_steps, n_crops=cfg.maximize_crops,
+            device=cfg.device, progress=cfg.progress,
         )
         write_maximization(result, Path(cfg.run) / "maximize", k)

@@ -83,6 +83,17 @@ def test_resume_after_interrupt_is_bit_identical(small_store, tmp_path, monkeypa
     for key, value in full.sae.state_dict().items():
         assert torch.equal(value, resumed.sae.state_dict()[key]), key
     assert (tmp_path / "full/metrics.jsonl").read_text() == (tmp_path / "part/metrics.jsonl").read_text()
+    # a run directory moved elsewhere resumes too (here: to train 10 more steps), even when a kill
+    # tore the last metrics line in the middle of an append
+    with open(tmp_path / "part/metrics.jsonl", "a") as f:
+        f.write('{"step": 4')
+    moved = tmp_path / "elsewhere" / "part"
+    moved.parent.mkdir()
+    (tmp_path / "part").rename(moved)
+    longer = fit(dataclasses.replace(part_cfg, out=moved, resume=True, steps=50))
+    assert longer.run_dir == moved and latest_checkpoint(moved).step == 50
+    steps = [json.loads(line)["step"] for line in (moved / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 50
 
 
 def _one_step(store, out, rule):

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 
 from usae import checkpoint as ckpt_io
 from usae import distributed
-from usae.config import SAEConfig, TrainConfig, from_json_dict, to_json_dict
+from usae.config import SAEConfig, TrainConfig, from_json_dict, fsync_path, to_json_dict
 from usae.data import DataOrder, Loader
 from usae.distributed import World
 from usae.errors import UsaeError
@@ -44,6 +45,7 @@ RESUME_FREE_FIELDS = {
     "log_every",
     "steps",
     "store",
+    "out",  # a run directory may be moved or copied before it is resumed
 }
 # AuxK uses min(k_aux, dead latents) per row; the dead count is read on this fixed cadence (a host
 # sync), independent of log_every so logging settings never change the result.
@@ -447,8 +449,18 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop log records past ``step`` (written after the checkpoint we resume from)."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+    keep = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line torn by a kill in the middle of an append
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            keep.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    fsync_path(tmp)
+    os.replace(tmp, path)
 
 
 def _loop(runs: list[_Run], loader: Loader, start: int) -> list[dict[str, float]]:

@@ -206,3 +206,9 @@ def test_nan_or_float16_overflow_stops_with_the_model_and_image_named(tmp_path):
     assert not (tmp_path / "s").exists() and not (tmp_path / "t").exists()
     ok = extract(dataclasses.replace(cfg, out=tmp_path / "u", dtype="float32"), [backbone(1e6)])
     assert open_store(ok).rows("loud", 0, 1).max() > 1e5
+
+
+def test_bad_extract_settings_are_one_line_errors(tmp_path):
+    for field, value in (("batch_size", 0), ("images_per_part", 0), ("grid", 0), ("max_images", 0)):
+        with pytest.raises(UsaeError, match=f"extract config: invalid {field}={value}"):
+            _cfg(tmp_path, tmp_path / "s", **{field: value})

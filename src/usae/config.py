@@ -32,6 +32,13 @@ Normalization = Literal["scalar", "per-dim", "paper", "none"]
 DecoderNorm = Literal["max1", "unit"]
 
 
+def refuse_invalid(what: str, cfg: Any, checks: dict[str, bool]) -> None:
+    """Raise a one-line UsaeError naming the first field of ``cfg`` whose check is False."""
+    for name, ok in checks.items():
+        if not ok:
+            raise UsaeError(f"{what}: invalid {name}={getattr(cfg, name)!r}")
+
+
 @dataclass(frozen=True)
 class SAEConfig:
     """The architecture of a UniversalSAE: everything needed to rebuild its tensors."""
@@ -163,9 +170,7 @@ class TrainConfig:
             "auxk_coef": self.auxk_coef >= 0,
             "k_aux": self.k_aux is None or self.k_aux >= 1,
         }
-        for name, ok in checks.items():
-            if not ok:
-                raise UsaeError(f"train config: invalid {name}={getattr(self, name)!r}")
+        refuse_invalid("train config", self, checks)
         if not 1 <= self.k <= self.n_latents:
             raise UsaeError(f"train config: k must be in [1, n_latents={self.n_latents}], got {self.k}")
 
@@ -284,12 +289,7 @@ class BaselineConfig:
             "match_threshold": -1.0 <= self.match_threshold <= 1.0,
             "cosine_threshold": -1.0 <= self.cosine_threshold <= 1.0,
         }
-        for name, ok in checks.items():
-            if not ok:
-                raise UsaeError(f"baseline config: invalid {name}={getattr(self, name)!r}")
-
-
-# -- representation similarity --------------------------------------------------------------------
+        refuse_invalid("baseline config", self, checks)
 
 
 @dataclass(frozen=True)
@@ -354,6 +354,17 @@ class ExtractConfig:
     """Threads decoding images ahead of the forward passes."""
     overwrite: bool = False
     """Replace an existing finished store."""
+
+    def __post_init__(self) -> None:
+        checks = {
+            "batch_size": self.batch_size >= 1,
+            "images_per_part": self.images_per_part >= 1,
+            "decode_threads": self.decode_threads >= 1,
+            "grid": self.grid is None or self.grid >= 1,
+            "view_size": self.view_size is None or self.view_size >= 1,
+            "max_images": self.max_images is None or self.max_images >= 1,
+        }
+        refuse_invalid("extract config", self, checks)
 
 
 @dataclass(frozen=True)
@@ -559,9 +570,7 @@ class EncodeConfig:
             "rows_per_shard": self.rows_per_shard >= 1,
             "max_rows": self.max_rows is None or self.max_rows >= 1,
         }
-        for name, ok in checks.items():
-            if not ok:
-                raise UsaeError(f"encode config: invalid {name}={getattr(self, name)!r}")
+        refuse_invalid("encode config", self, checks)
 
 
 @dataclass(frozen=True)
@@ -674,6 +683,4 @@ class MaximizeConfig:
             raise UsaeError("maximize: give at least one --concept")
         checks = {"steps": self.steps >= 1, "n_crops": self.n_crops >= 1, "lr": self.lr > 0}
         checks["size"] = self.size is None or self.size >= 8
-        for name, ok in checks.items():
-            if not ok:
-                raise UsaeError(f"maximize: invalid {name}={getattr(self, name)!r}")
+        refuse_invalid("maximize", self, checks)

@@ -235,8 +235,6 @@ def extract(cfg: ExtractConfig, backbones: list[Backbone] | None = None) -> Path
     out = Path(os.path.abspath(cfg.out))
     if (out / "metadata.json").is_file() and not cfg.overwrite:
         raise UsaeError(f"store {out} already exists; pass --overwrite to replace it")
-    if cfg.batch_size < 1 or cfg.images_per_part < 1:
-        raise UsaeError("batch_size and images_per_part must be >= 1")
     if not cfg.models and not backbones:
         raise UsaeError("no models given (--models SPEC ...)")
     world, device = distributed.init(resolve_device(cfg.device))
@@ -267,7 +265,7 @@ def extract(cfg: ExtractConfig, backbones: list[Backbone] | None = None) -> Path
     )  # fmt: skip
     start = time.perf_counter()
     bar = tqdm(total=n_todo, desc="extract", unit="img", disable=not world.is_main or None)
-    with ThreadPoolExecutor(max(1, cfg.decode_threads)) as pool:
+    with ThreadPoolExecutor(cfg.decode_threads) as pool:
         for p in todo:
             _run_part(ctx, p, chosen[p * per : (p + 1) * per], pool, bar)
     bar.close()

@@ -21,7 +21,7 @@ its own input resolution and normalises it, so a model's token grid always tiles
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -102,9 +102,6 @@ class ImageSet:
     def describe(self) -> dict[str, Any]:
         """JSON object that :func:`reopen` turns back into this set."""
         return dict(self._description)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.ids)
 
 
 class FileImages(ImageSet):

@@ -11,6 +11,16 @@ from usae.synth import make_world
 torch.set_num_threads(1)  # CI has 2 cores; 1 thread avoids oversubscription under load
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _float32_selection_by_default():
+    """In-process runs choose latents in float32 whatever the CPU, so results do not depend on the
+    test machine's bf16 support; bf16 selection has its own tests, and CLI subprocesses keep the
+    real default."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("usae.train.native_bf16", lambda device: False)
+        yield
+
+
 @pytest.fixture(scope="session")
 def small_world():
     """Three models of different widths observing one planted concept set."""

@@ -186,3 +186,64 @@ def test_global_topk_and_crosscoder_codes():
     torch.testing.assert_close(cross["a"].val_bk, torch.relu(summed.gather(1, cross["a"].idx_bk)))
     dense = sae.encode_joint({n: sae.denormalize(n, v) for n, v in x_n.items()})
     torch.testing.assert_close(dense, cross["a"].to_dense(30))
+
+
+def test_bf16_selection_keeps_exact_values_and_sparse_gradients():
+    """A bfloat16 choice of latents: values are the exact pre-activations there, gradients equal
+    dense autograd on the chosen support, and the choice is the exact TopK up to near-ties."""
+    sae = make(n_latents=200, k=8)
+    with torch.no_grad():
+        for h in sae.heads.values():
+            h.b_dec.normal_()
+            h.b_enc.normal_()
+    x_n = torch.randn(300, 12, dtype=torch.float64)
+    dead = torch.rand(200, generator=torch.Generator().manual_seed(1)) < 0.3
+    code, aux = sae.encode_normalized("a", x_n, dead, k_aux=5, select_dtype=torch.bfloat16)
+    z_pre = sae.pre_activation("a", x_n)
+    torch.testing.assert_close(code.val_bk, torch.relu(z_pre.gather(1, code.idx_bk)))
+    exact = torch.zeros_like(z_pre, dtype=torch.bool).scatter(1, torch.topk(z_pre, 8, dim=1).indices, True)
+    chosen = torch.zeros_like(exact).scatter(1, code.idx_bk, True)
+    assert float((exact & chosen).sum()) / exact.sum() >= 0.97
+    g_b = torch.randn(300, 20, dtype=torch.float64)
+    params = list(sae.parameters())
+
+    def loss_of(c, a):
+        return (sae.decode_normalized("b", c) * g_b).sum() + (sae.decode_normalized("a", a, bias=False) ** 2).sum()
+
+    fast = torch.autograd.grad(loss_of(code, aux), params, allow_unused=True)
+    dense = code.to_dense(200)
+    dense_code = torch.zeros_like(z_pre).scatter(1, code.idx_bk, torch.relu(z_pre.gather(1, code.idx_bk)))
+    aux_dense = torch.zeros_like(z_pre).scatter(1, aux.idx_bk, torch.relu(z_pre.gather(1, aux.idx_bk)) * dead[aux.idx_bk])
+    slow = torch.autograd.grad(loss_of(dense_code, aux_dense), params, allow_unused=True)
+    torch.testing.assert_close(dense, dense_code.detach())
+    for (name, _), a, b in zip(sae.named_parameters(), fast, slow, strict=True):
+        if a is None or b is None:
+            assert a is None and b is None or float((a if a is not None else b).abs().max()) == 0, name
+            continue
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_sparse_kernels_match_dense_products():
+    """The code-transpose product (column-blocked on CPU) and the sampled dot products, against
+    dense references, with repeated and unsorted indices in a row."""
+    from usae.sae import _by_latent, _code_t_mm, _gather_dot
+
+    g = torch.Generator().manual_seed(0)
+    b, k, s, d = 2048, 6, 50, 100  # float64 at b=2048: 64-column blocks, so two of them
+    idx = torch.randint(s, (b, k), generator=g)
+    idx[:, 1] = idx[:, 0]  # a repeated latent in every row
+    val = torch.rand(b, k, generator=g, dtype=torch.float64)
+    y = torch.randn(b, d, generator=g, dtype=torch.float64)
+    W = torch.randn(s, d, generator=g, dtype=torch.float64)
+    dense_bs = torch.zeros(b, s, dtype=torch.float64).index_put_((torch.arange(b)[:, None].expand(b, k), idx), val, accumulate=True)
+    torch.testing.assert_close(_code_t_mm(_by_latent(idx, s), val, y), dense_bs.T @ y)
+    torch.testing.assert_close(_code_t_mm(_by_latent(idx, s), val, y[:, :10].contiguous()), dense_bs.T @ y[:, :10])
+    torch.testing.assert_close(_gather_dot(idx, W, y), (W[idx] * y[:, None, :]).sum(-1))
+
+
+def test_decode_many_equals_decoding_one_by_one():
+    sae = make()
+    code = sae.activate("a", sae.pre_activation("a", torch.randn(30, 12, dtype=torch.float64)))
+    many = sae.decode_many_normalized(["a", "b"], code)
+    for name in ("a", "b"):
+        torch.testing.assert_close(many[name], sae.decode_normalized(name, code))

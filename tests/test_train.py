@@ -202,3 +202,32 @@ def test_fit_many_equals_separate_fits(small_store, tmp_path):
             assert torch.equal(value, t.sae.state_dict()[key]), key
     with pytest.raises(UsaeError, match="differ in 'batch_size'"):
         fit_many([cfgs[0], dataclasses.replace(cfgs[1], batch_size=128)])
+
+
+def test_select_precision_default_follows_the_hardware_and_resume_keeps_it(small_store, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    monkeypatch.setattr(train_mod, "native_bf16", lambda device: True)
+    fit(cfg_for(small_store, run, steps=20, save_every=10))
+    assert json.loads((run / "config.json").read_text())["train"]["select_precision"] == "bfloat16"
+    # resumed on a machine without bf16: the run keeps the choice it was started with
+    monkeypatch.setattr(train_mod, "native_bf16", lambda device: False)
+    seen = []
+    real_step = train_mod.train_step
+    monkeypatch.setattr(train_mod, "train_step", lambda *a, **kw: seen.append(a[-1]) or real_step(*a, **kw))
+    fit(cfg_for(small_store, run, steps=30, resume=True))
+    assert seen and set(seen) == {torch.bfloat16}
+    # encoders without the sparse path ignore the setting and record float32
+    fit(cfg_for(small_store, tmp_path / "mlp", steps=2, encoder="mlp"))
+    assert json.loads((tmp_path / "mlp" / "config.json").read_text())["train"]["select_precision"] == "float32"
+
+
+def test_bf16_selection_recovers_concepts_like_float32(tmp_path):
+    world = make_world({"a": 48, "b": 64, "c": 56}, n_rows=20_000, n_universal=32, n_partial=12, n_specific=12, k_active=5, seed=11)
+    store = write_store(tmp_path / "store", world.data, dtype="float32")
+    recs = {}
+    for precision in ("float32", "bfloat16"):
+        cfg = cfg_for(store, tmp_path / precision, n_latents=256, k=6, steps=800, batch_size=512, select_precision=precision)
+        result = fit(cfg)
+        recs[precision] = recovery({n: result.sae.dictionary(n).numpy() for n in world.model_names}, world)
+    assert recs["bfloat16"]["universal"] >= 0.9, recs
+    assert recs["bfloat16"]["all"] >= recs["float32"]["all"] - 0.05, recs

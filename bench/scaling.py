@@ -1,13 +1,16 @@
 """Step cost against its floor, and cost per token as the number of models M grows.
 
 1. Floor: a random-source step cannot be cheaper than the dense encoder matmul
-   (b x d) @ (d x n_latents) that picks the top k. Prints step time / that matmul's time,
-   averaged over the models (each step encodes one).
+   (b x d) @ (d x n_latents) that picks the top k. Prints step time / that matmul's time, both
+   averaged over the models (each step encodes one), for each selection precision: float32, and
+   bfloat16 where the CPU/GPU multiplies it natively (then compared with both floors).
 2. M scaling: time per token of `train_step` for M = 2, 4, 8, 16 models of the same width.
 
     .venv/bin/python bench/scaling.py [--quick]
 
-Both measured in this one run on in-memory batches (no I/O), same thread count. Not a test.
+Both measured in this one run on in-memory batches (no I/O), same thread count; every number is
+the best of several repeats (this is a shared machine: the minimum is the least disturbed run).
+The floor matmul writes into a preallocated output, i.e. it is the bare BLAS call. Not a test.
 """
 
 from __future__ import annotations
@@ -19,19 +22,35 @@ import torch
 
 from usae.config import SAEConfig, TrainConfig
 from usae.sae import UniversalSAE
-from usae.train import make_optimizer, train_step
+from usae.train import make_optimizer, native_bf16, train_step
 
 
-def _timeit(fn, repeats: int) -> float:
+def _best(fn, repeats: int) -> float:
     fn()
-    t0 = time.perf_counter()
+    times = []
     for _ in range(repeats):
+        t0 = time.perf_counter()
         fn()
-    return (time.perf_counter() - t0) / repeats
+        times.append(time.perf_counter() - t0)
+    return min(times)
 
 
-def step_seconds(widths: dict[str, int], n_latents: int, k: int, batch: int, repeats: int) -> tuple[float, float]:
-    """(mean train_step seconds over sources, mean encoder-matmul seconds over models)."""
+def floor_seconds(sae: UniversalSAE, x_n: dict[str, torch.Tensor], dtype: torch.dtype, repeats: int) -> float:
+    """Mean over models of the best bare encoder matmul (into a preallocated output)."""
+    total = 0.0
+    with torch.no_grad():
+        for name, x in x_n.items():
+            h = sae.heads[name]
+            xs, W, b = x.to(dtype), h.W_enc.to(dtype), h.b_enc.to(dtype)
+            out = torch.empty(x.shape[0], W.shape[0], dtype=dtype)
+            total += _best(lambda xs=xs, W=W, b=b, out=out: torch.addmm(b, xs, W.t(), out=out), repeats)
+    return total / len(x_n)
+
+
+def step_seconds(
+    widths: dict[str, int], n_latents: int, k: int, batch: int, repeats: int, select: torch.dtype | None
+) -> tuple[float, UniversalSAE, dict[str, torch.Tensor]]:
+    """Best mean train_step seconds over one cycle that encodes each model once."""
     torch.manual_seed(0)
     sae = UniversalSAE(SAEConfig(widths=widths, n_latents=n_latents, k=k))
     cfg = TrainConfig(store="unused", n_latents=n_latents, k=k, batch_size=batch)
@@ -40,14 +59,12 @@ def step_seconds(widths: dict[str, int], n_latents: int, k: int, batch: int, rep
         group["lr"] = 1e-3
     x_n = {n: torch.randn(batch, d) for n, d in widths.items()}
     since = torch.zeros(len(widths), n_latents, dtype=torch.int64)
-    names = list(widths)
-    i = iter(range(10**9))
-    step = _timeit(lambda: train_step(sae, opt, x_n, [names[next(i) % len(names)]], cfg, since, 0), repeats)
-    with torch.no_grad():
-        mm = sum(
-            _timeit(lambda h=sae.heads[n], x=x_n[n]: torch.addmm(h.b_enc, x, h.W_enc.t()), repeats) for n in names
-        ) / len(names)
-    return step, mm
+
+    def cycle() -> None:
+        for name in widths:
+            train_step(sae, opt, x_n, [name], cfg, since, 0, select_dtype=select)
+
+    return _best(cycle, repeats) / len(widths), sae, x_n
 
 
 def main() -> None:
@@ -55,24 +72,32 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     q = args.quick
-    repeats = 3 if q else 6
-    print(f"threads={torch.get_num_threads()}")
+    repeats = 2 if q else 5
+    bf16 = native_bf16(torch.device("cpu"))
+    print(f"threads={torch.get_num_threads()} native bf16={bf16}")
     widths = {"a": 384, "b": 512, "c": 768} if not q else {"a": 64, "b": 96, "c": 128}
     n_latents, batch = (8 * max(widths.values()), 4096) if not q else (1024, 1024)
-    step, mm = step_seconds(widths, n_latents, 32, batch, repeats)
     print(
         f"\n## Step vs encoder-matmul floor (M=3, widths {list(widths.values())}, n_latents {n_latents}, k 32, b {batch})"
     )
-    print("| step ms | encoder matmul ms | step / floor |\n|---:|---:|---:|")
-    print(f"| {step * 1e3:.1f} | {mm * 1e3:.1f} | {step / mm:.2f} |")
+    print("| selection | step ms | floor ms (same precision) | step / floor | step / float32 floor |")
+    print("|---|---:|---:|---:|---:|")
+    f32_floor = None
+    for dtype in (torch.float32, torch.bfloat16) if bf16 else (torch.float32,):
+        step, sae, x_n = step_seconds(widths, n_latents, 32, batch, repeats, dtype)
+        floor = floor_seconds(sae, x_n, dtype, repeats)
+        f32_floor = f32_floor or floor
+        name = str(dtype).removeprefix("torch.")
+        print(f"| {name} | {step * 1e3:.1f} | {floor * 1e3:.1f} | {step / floor:.2f} | {step / f32_floor:.2f} |")
     d, n_latents, batch = (256, 2048, 2048) if not q else (64, 512, 512)
-    print(f"\n## Time per token vs number of models (d {d}, n_latents {n_latents}, k 32, b {batch})")
-    print("| M | step ms | us / token | vs M=2 |\n|---:|---:|---:|---:|")
+    select = torch.bfloat16 if bf16 else torch.float32
+    print(f"\n## Time per token vs number of models (d {d}, n_latents {n_latents}, k 32, b {batch}, {str(select).removeprefix('torch.')} selection)")
+    print("| M | step ms | us / token | vs M=2 | per model vs M=2 |\n|---:|---:|---:|---:|---:|")
     base = None
     for m in (2, 4, 8, 16):
-        step, _ = step_seconds({f"m{i}": d for i in range(m)}, n_latents, 32, batch, repeats)
+        step, _, _ = step_seconds({f"m{i}": d for i in range(m)}, n_latents, 32, batch, repeats, select)
         base = base or step
-        print(f"| {m} | {step * 1e3:.1f} | {step / batch * 1e6:.2f} | {step / base:.2f}x |")
+        print(f"| {m} | {step * 1e3:.1f} | {step / batch * 1e6:.2f} | {step / base:.2f}x | {step / base * 2 / m:.2f}x |")
 
 
 if __name__ == "__main__":

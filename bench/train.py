@@ -8,7 +8,9 @@ sync, as the released loop logs). Both read the same store rows; both use Adam a
     .venv/bin/python bench/train.py            # M=3, widths 384/512/768, n_latents 8*768, k 32
     .venv/bin/python bench/train.py --quick    # a smaller smoke run
 
-Prints tokens/s for each and the ratio. Not a test: numbers depend on the machine.
+Prints tokens/s for each and the ratio to the reference; `usae.fit` runs with float32 latent
+selection and, where the CPU multiplies bfloat16 natively, with bfloat16 selection (its default
+there). Not a test: numbers depend on the machine.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 
 import usae
 from usae.store import open_store
+from usae.train import native_bf16
 
 
 def reference_loop(store_dir: Path, n_latents: int, k: int, steps: int, batch_size: int, seed: int) -> float:
@@ -64,7 +67,9 @@ def reference_loop(store_dir: Path, n_latents: int, k: int, steps: int, batch_si
     return time.perf_counter() - t0
 
 
-def fit_loop(store_dir: Path, out: Path, n_latents: int, k: int, steps: int, batch_size: int, seed: int) -> float:
+def fit_loop(
+    store_dir: Path, out: Path, n_latents: int, k: int, steps: int, batch_size: int, seed: int, select: str
+) -> float:
     t0 = time.perf_counter()
     cfg = usae.TrainConfig(
         store=store_dir,
@@ -77,6 +82,7 @@ def fit_loop(store_dir: Path, out: Path, n_latents: int, k: int, steps: int, bat
         progress=False,
         overwrite=True,
         log_every=max(1, steps // 2),
+        select_precision=select,
     )
     usae.fit(cfg)
     return time.perf_counter() - t0
@@ -106,16 +112,19 @@ def main() -> None:
             f"M={len(args.widths)} widths={args.widths} n_latents={n_latents} k={args.k} "
             f"batch={args.batch_size} steps={args.steps} threads={torch.get_num_threads()}"
         )
-        results = {"dense reference": [], "usae.fit": []}
-        for r in range(args.repeats):  # interleaved, so both see the same machine state
+        selects = ["float32", "bfloat16"] if native_bf16(torch.device("cpu")) else ["float32"]
+        results: dict[str, list[float]] = {"dense reference": [], **{f"usae.fit {s}": [] for s in selects}}
+        for r in range(args.repeats):  # interleaved, so all see the same machine state
             results["dense reference"].append(reference_loop(store, n_latents, args.k, args.steps, args.batch_size, r))
-            results["usae.fit"].append(fit_loop(store, tmp / "run", n_latents, args.k, args.steps, args.batch_size, r))
+            for sel in selects:
+                run = tmp / "run"
+                sec = fit_loop(store, run, n_latents, args.k, args.steps, args.batch_size, r, sel)
+                results[f"usae.fit {sel}"].append(sec)
     tokens = args.steps * args.batch_size
     best = {name: min(times) for name, times in results.items()}
-    print(f"{'loop':18s} {'best s':>8s} {'tokens/s':>12s}")
+    print(f"{'loop':22s} {'best s':>8s} {'tokens/s':>12s} {'vs reference':>13s}")
     for name, sec in best.items():
-        print(f"{name:18s} {sec:8.2f} {tokens / sec:12,.0f}")
-    print(f"ratio usae.fit / dense reference: {best['dense reference'] / best['usae.fit']:.2f}x tokens/s")
+        print(f"{name:22s} {sec:8.2f} {tokens / sec:12,.0f} {best['dense reference'] / sec:12.2f}x")
 
 
 if __name__ == "__main__":

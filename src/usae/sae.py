@@ -192,6 +192,11 @@ class UniversalSAE(nn.Module):
         self._scratch_bs: Tensor | None = None  # see _scratch; not state
         self.reset_parameters(generator)
 
+    def train(self, mode: bool = True) -> UniversalSAE:
+        if not mode:  # the selection buffer only serves training steps; eval() gives its memory back
+            self._scratch_bs = None
+        return super().train(mode)
+
     # -- sharing (I/O lives in usae.hub; imported lazily to keep this module pure) ------------
     def save_pretrained(self, save_dir: str | Path, **kwargs: Any) -> Path:
         """Write config.json + model.safetensors + a model card README.md; see ``usae.hub.save_pretrained``."""

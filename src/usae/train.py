@@ -497,9 +497,11 @@ def _loop(runs: list[_Run], loader: Loader, start: int) -> list[dict[str, float]
         for step in bar:
             batch = loader.get(step)
             for i, run in enumerate(runs):
-                lasts[i] = _advance(run, batch, step) or lasts[i]
-            if lasts[0]:
-                bar.set_postfix(loss=f"{lasts[0]['train/loss']:.4f}")
+                record = _advance(run, batch, step)
+                if record:
+                    lasts[i] = record
+                    if i == 0:  # only on a new record: a postfix redraw per step floods logs
+                        bar.set_postfix(loss=f"{record['train/loss']:.4f}", refresh=False)
     finally:
         loader.close()
     return lasts

@@ -13,6 +13,15 @@ def make(**kw) -> UniversalSAE:
     return UniversalSAE(cfg, generator=torch.Generator().manual_seed(0)).double()
 
 
+def assert_same_grads(sae: UniversalSAE, fast, slow) -> None:
+    """Per parameter: equal gradients, where a missing gradient equals an all-zero one."""
+    for (name, _), a, b in zip(sae.named_parameters(), fast, slow, strict=True):
+        if a is None or b is None:
+            assert a is None and b is None or float((a if a is not None else b).abs().max()) == 0, name
+            continue
+        torch.testing.assert_close(a, b, msg=name)
+
+
 def test_encode_has_k_nonzeros_and_decodes_every_model():
     sae = make()
     x = torch.randn(50, 12, dtype=torch.float64) * 3 + 1
@@ -163,11 +172,7 @@ def test_sparse_encoder_path_matches_dense_autograd():
     slow = torch.autograd.grad(loss_of(dense_code, aux_dense), params, allow_unused=True)
     torch.testing.assert_close(code.to_dense(40), dense_code)
     assert (dead[aux.idx_bk] | (aux.val_bk == 0)).all()  # aux slots hold dead latents or zeros
-    for (name, _), a, b in zip(sae.named_parameters(), fast, slow, strict=True):
-        if a is None or b is None:
-            assert a is None and b is None or float((a if a is not None else b).abs().max()) == 0, name
-            continue
-        torch.testing.assert_close(a, b, msg=name)
+    assert_same_grads(sae, fast, slow)
 
 
 def test_global_topk_and_crosscoder_codes():
@@ -216,11 +221,7 @@ def test_bf16_selection_keeps_exact_values_and_sparse_gradients():
     aux_dense = torch.zeros_like(z_pre).scatter(1, aux.idx_bk, torch.relu(z_pre.gather(1, aux.idx_bk)) * dead[aux.idx_bk])
     slow = torch.autograd.grad(loss_of(dense_code, aux_dense), params, allow_unused=True)
     torch.testing.assert_close(dense, dense_code.detach())
-    for (name, _), a, b in zip(sae.named_parameters(), fast, slow, strict=True):
-        if a is None or b is None:
-            assert a is None and b is None or float((a if a is not None else b).abs().max()) == 0, name
-            continue
-        torch.testing.assert_close(a, b, msg=name)
+    assert_same_grads(sae, fast, slow)
 
 
 def test_sparse_kernels_match_dense_products():

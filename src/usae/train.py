@@ -158,7 +158,15 @@ def train_step(
     return StepStats(total.detach(), {d: r.detach() / n_src for d, r in recon.items()}, aux.detach() / n_src)
 
 
-def _codes(sae: UniversalSAE, x_n, sources, cfg: TrainConfig, since_fired_ms: Tensor, k_aux: int, select_dtype):
+def _codes(
+    sae: UniversalSAE,
+    x_n: dict[str, Tensor],
+    sources: list[str],
+    cfg: TrainConfig,
+    since_fired_ms: Tensor,
+    k_aux: int,
+    select_dtype: torch.dtype | None,
+):
     """(model index, code, AuxK code) per encoded source; index None: the code belongs to every model."""
     names = sae.model_names
     if cfg.rule in ("sparc", "crosscoder"):

@@ -1,6 +1,6 @@
 """Measure the training defaults (LR and its scaling, warmup, init, decoder norm) on synthetic worlds.
 
-Builds several differently shaped universal-concept worlds (``usae.synth.make_world``), writes each
+Builds several differently shaped universal-concept worlds (``usae.data.synth.make_world``), writes each
 as a store, trains ``usae.fit`` over a grid of settings and scores every run by planted-concept
 recovery (cosine > 0.9 in every owning model, per kind), reconstruction FVU and wall time. Results
 go to a CSV (one row per run, appended as runs finish; an interrupted study resumes where it
@@ -258,8 +258,8 @@ def _world_dirs(tmp: Path, name: str) -> tuple[Path, Path]:
 
 
 def build_worlds(worlds: list[WorldSpec], tmp: Path) -> None:
-    from usae.store import write_store
-    from usae.synth import make_world, save_truth
+    from usae.data.store import write_store
+    from usae.data.synth import make_world, save_truth
 
     for w in worlds:
         store, truth = _world_dirs(tmp, w.name)
@@ -306,9 +306,9 @@ def train_one(args: tuple[dict, str, dict]) -> dict:
     r, tmp, spec_d = args
 
     from usae.config import TrainConfig
-    from usae.store import open_store
-    from usae.synth import load_truth, recovery
-    from usae.train import fit
+    from usae.data.store import open_store
+    from usae.data.synth import load_truth, recovery
+    from usae.training.fit import fit
 
     tmp = Path(tmp)
     spec = WorldSpec(**spec_d)

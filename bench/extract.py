@@ -37,10 +37,10 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    from usae.backbones import load_backbone
     from usae.config import ExtractConfig
-    from usae.extract import common_grid, extract, select_images
-    from usae.images import canonical_view, open_images
+    from usae.extraction.backbones import load_backbone
+    from usae.extraction.extract import common_grid, extract, select_images
+    from usae.extraction.images import canonical_view, open_images
 
     device = torch.device(args.device)
     images = open_images(args.images)

@@ -24,7 +24,7 @@ WIDTHS = (256, 384, 512)
 
 
 def write(store_dir: Path, n_rows: int) -> None:
-    from usae.store import StoreWriter
+    from usae.data.store import StoreWriter
 
     rng = np.random.default_rng(0)
     with StoreWriter(store_dir, {f"m{i}": d for i, d in enumerate(WIDTHS)}, dtype="float16") as w:

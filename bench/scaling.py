@@ -21,8 +21,10 @@ import time
 import torch
 
 from usae.config import SAEConfig, TrainConfig
-from usae.sae import UniversalSAE
-from usae.train import make_optimizer, native_bf16, train_step
+from usae.device import native_bf16
+from usae.model.sae import UniversalSAE
+from usae.training.fit import make_optimizer
+from usae.training.step import train_step
 
 
 def _best(fn, repeats: int) -> float:
@@ -91,13 +93,17 @@ def main() -> None:
         print(f"| {name} | {step * 1e3:.1f} | {floor * 1e3:.1f} | {step / floor:.2f} | {step / f32_floor:.2f} |")
     d, n_latents, batch = (256, 2048, 2048) if not q else (64, 512, 512)
     select = torch.bfloat16 if bf16 else torch.float32
-    print(f"\n## Time per token vs number of models (d {d}, n_latents {n_latents}, k 32, b {batch}, {str(select).removeprefix('torch.')} selection)")
+    print(
+        f"\n## Time per token vs number of models (d {d}, n_latents {n_latents}, k 32, b {batch}, {str(select).removeprefix('torch.')} selection)"
+    )
     print("| M | step ms | us / token | vs M=2 | per model vs M=2 |\n|---:|---:|---:|---:|---:|")
     base = None
     for m in (2, 4, 8, 16):
         step, _, _ = step_seconds({f"m{i}": d for i in range(m)}, n_latents, 32, batch, repeats, select)
         base = base or step
-        print(f"| {m} | {step * 1e3:.1f} | {step / batch * 1e6:.2f} | {step / base:.2f}x | {step / base * 2 / m:.2f}x |")
+        print(
+            f"| {m} | {step * 1e3:.1f} | {step / batch * 1e6:.2f} | {step / base:.2f}x | {step / base * 2 / m:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 import usae
-from usae.store import open_store
-from usae.train import native_bf16
+from usae.data.store import open_store
+from usae.device import native_bf16
 
 
 def reference_loop(store_dir: Path, n_latents: int, k: int, steps: int, batch_size: int, seed: int) -> float:

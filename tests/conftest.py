@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from usae.store import write_store
-from usae.synth import make_world
+from usae.data.store import write_store
+from usae.data.synth import make_world
 
 torch.set_num_threads(1)  # CI has 2 cores; 1 thread avoids oversubscription under load
 
@@ -17,7 +17,7 @@ def _float32_selection_by_default():
     test machine's bf16 support; bf16 selection has its own tests, and CLI subprocesses keep the
     real default."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("usae.train.native_bf16", lambda device: False)
+        mp.setattr("usae.training.run_dir.native_bf16", lambda device: False)
         yield
 
 

@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from usae.__main__ import main
-from usae.store import open_store
+from usae.data.store import open_store
 
 
 def test_synth_train_evaluate(tmp_path, capsys):

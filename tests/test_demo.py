@@ -19,9 +19,16 @@ def test_demo_pipeline_on_fake_models(tmp_path, capsys):
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "cross-reconstruction R²" in printed and "concepts: universal" in printed
+    assert "measured on held-out images" in printed and "R² held-out vs in-sample" in printed
+    assert "pixels labels (token level)" in printed and "shuffled labels 0" in printed
     summary = json.loads((out / "summary.json").read_text())
     assert summary["explorer"] == str(out / "explorer" / "index.html") and (out / "explorer" / "index.html").is_file()
     assert (out / "run" / "report.md").is_file() and (out / "store" / "metadata.json").is_file()
+    held_out = json.loads((out / "store-val" / "metadata.json").read_text())["image_ids"]
+    trained = json.loads((out / "store" / "metadata.json").read_text())["image_ids"]
+    assert len(held_out) == 3 and not set(held_out) & set(trained)  # a quarter of the 12 images
+    assert summary["evaluated_on"] == str(out / "store-val") and (out / "run" / "labels.json").is_file()
+    assert json.loads((out / "run" / "report.json").read_text())["store"]["path"] == str(out / "store-val")
     maximized = list((out / "run" / "maximize").glob("concept-*/panel.png"))
     assert len(maximized) == 1
     assert json.loads((out / "run" / "config.json").read_text())["train"]["steps"] == 40

@@ -24,11 +24,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from usae.__main__ import main
-from usae.checkpoint import latest_checkpoint, load, load_checkpoint, load_tensors
+from usae._io import load_tensors
 from usae.config import EncodeConfig, EvalConfig, SAEConfig, TrainConfig, from_json_dict
+from usae.data.store import open_store, write_store
 from usae.errors import UsaeError
-from usae.store import open_store, write_store
-from usae.train import build_sae, make_optimizer
+from usae.run import load
+from usae.training.checkpoints import latest_checkpoint, load_checkpoint
+from usae.training.fit import build_sae, make_optimizer
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 TRAIN = ["--n-latents", "16", "--k", "2", "--batch-size", "128", "--no-progress"]
@@ -235,7 +237,7 @@ def test_config_parsing_only_raises_usae_errors(cls, base, edits):
         return
     assert dataclasses.is_dataclass(cfg)
     if cls is SAEConfig:  # an accepted architecture builds
-        from usae.sae import UniversalSAE
+        from usae.model.sae import UniversalSAE
 
         UniversalSAE(cfg)
 

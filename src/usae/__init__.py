@@ -9,21 +9,22 @@ x_b_hat = sae.decode("b", z)                          # model b reconstructed fr
 report = usae.evaluate("run", "store")                # cross-reconstruction R², FVU, L0, ...
 """
 
-__version__ = "0.1.0"  # before the imports: submodules read it
-
-from usae.checkpoint import load
+from usae._version import __version__
 from usae.config import EvalConfig, SAEConfig, SynthConfig, TrainConfig
+from usae.data.store import Store, StoreWriter, open_store, write_store
+from usae.data.synth import World, make_world, recovery
 from usae.errors import UsaeError
-from usae.evaluate import evaluate
-from usae.explore import heatmap, top_images
-from usae.hub import from_pretrained, save_pretrained
-from usae.maximize import maximize
-from usae.sae import SparseCode, UniversalSAE
-from usae.store import Store, StoreWriter, open_store, write_store
-from usae.synth import World, make_world, recovery
-from usae.train import fit, fit_many, lr_at
+from usae.evaluation.evaluate import evaluate
+from usae.explorer.concepts import heatmap, top_images
+from usae.explorer.maximize import maximize
+from usae.interop.hub import from_pretrained, save_pretrained
+from usae.model.sae import SparseCode, UniversalSAE
+from usae.run import load
+from usae.training.fit import fit, fit_many
+from usae.training.step import lr_at
 
 __all__ = [
+    "__version__",
     "EvalConfig",
     "SAEConfig",
     "SparseCode",

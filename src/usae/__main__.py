@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import tyro
 
@@ -19,7 +20,9 @@ from usae.config import (
     ExportConfig,
     ExtractConfig,
     ImportOfficialConfig,
+    LabelConfig,
     MaximizeConfig,
+    SpliceConfig,
     SynthConfig,
     TrainConfig,
     VerifyConfig,
@@ -31,20 +34,20 @@ log = logging.getLogger("usae")
 
 def synth(cfg: SynthConfig) -> Path:
     """Generate a synthetic world, write it as a store and its ground truth beside it."""
-    from usae.synth import write_world
+    from usae.data.synth import write_world
 
     return write_world(cfg)
 
 
 def train(cfg: TrainConfig) -> None:
-    from usae.train import fit
+    from usae.training.fit import fit
 
     result = fit(cfg)
     print(json.dumps(result.last_metrics, indent=1))
 
 
 def evaluate(cfg: EvalConfig) -> None:
-    from usae.evaluate import evaluate_cli
+    from usae.evaluation.evaluate import evaluate_cli
 
     reports = evaluate_cli(cfg)
     for report in reports:
@@ -56,7 +59,7 @@ def evaluate(cfg: EvalConfig) -> None:
 
 
 def baseline(cfg: BaselineConfig) -> None:
-    from usae.baselines import baseline_cli
+    from usae.experiments.baseline import baseline_cli
 
     print(format_baselines(baseline_cli(cfg)))
 
@@ -95,12 +98,15 @@ def format_summary(report: dict) -> str:
         lines.append(n.ljust(width) + f"{fvu:{width}.3f}{l0:{width}.1f}{dead:{width}.1f}")
     counts = report["classes"]["counts"]
     lines.append("")
-    lines.append("concepts: " + ", ".join(f"{c} {counts[c]}" for c in ("universal", "partial", "specific", "dead")))
+    lines.append(
+        "concepts: "
+        + ", ".join(f"{c} {counts[c]}" for c in ("universal", "partial", "specific", "rare", "dead") if c in counts)
+    )
     return "\n".join(lines)
 
 
 def extract(cfg: ExtractConfig) -> None:
-    from usae.extract import extract as run_extract
+    from usae.extraction.extract import extract as run_extract
 
     path = run_extract(cfg)
     print(f"store: {path}")
@@ -110,7 +116,14 @@ def demo(cfg: DemoConfig) -> dict:
     from usae.demo import run_demo, run_synthetic_demo
 
     summary = run_synthetic_demo(cfg) if cfg.synthetic else run_demo(cfg)
-    print(format_summary(summary["report_data"]))
+    report = summary["report_data"]
+    if summary.get("evaluated_on"):
+        print(f"measured on held-out images: {summary['evaluated_on']} ({report['n_rows']} rows)")
+    print(format_summary(report))
+    if summary.get("r2_in_sample"):
+        print("\n" + format_r2_gap(report, summary["r2_in_sample"]))
+    if summary.get("labels_data"):
+        print("\n" + format_named(summary["labels_data"], report))
     if "recovery" in summary:
         print("\nplanted concepts recovered (cosine > 0.9 in every owning model):")
         for kind, frac in summary["recovery"].items():
@@ -123,81 +136,123 @@ def demo(cfg: DemoConfig) -> dict:
     return summary
 
 
+def format_r2_gap(report: dict, r2_in_sample: list[list[float]]) -> str:
+    """Mean self and cross R², held-out vs in-sample (the images the dictionary was trained on)."""
+
+    def means(r2: list[list[float]]) -> tuple[float, float]:
+        m = len(r2)
+        self_r2 = sum(r2[i][i] for i in range(m)) / m
+        cross_r2 = sum(r2[i][j] for i in range(m) for j in range(m) if i != j) / max(1, m * (m - 1))
+        return self_r2, cross_r2
+
+    (hs, hc), (ts, tc) = means(report["r2_matrix"]), means(r2_in_sample)
+    return (
+        f"R² held-out vs in-sample: self {hs:.3f} vs {ts:.3f} (gap {ts - hs:+.3f}), "
+        f"cross {hc:.3f} vs {tc:.3f} (gap {tc - hc:+.3f})"
+    )
+
+
+def format_named(labels: dict, report: dict, n_show: int = 8) -> str:
+    """Per label family: the top universal concepts (by normalised energy) named alike in every model."""
+    classes, names = report["classes"]["labels"], report["model_names"]
+    share = {n: [e / max(1e-30, sum(report["energy"][n])) for e in report["energy"][n]] for n in names}
+    lines = []
+    for fam, f in labels["families"].items():
+        universal = [k for k, e in f["concepts"].items() if e.get("agrees") and classes[int(k)] == "universal"]
+        summary, control = f["summary"], f["shuffled"]
+        lines.append(
+            f"{fam} labels ({f['level']} level): {len(universal)} universal concepts get the same name in every "
+            f"model (all classes {summary['agreed']}; shuffled labels {control['agreed']}; FDR p <= {summary['p_threshold']:.2g})"
+        )
+        for k in sorted(universal, key=lambda k: -sum(share[n][int(k)] for n in names))[:n_show]:
+            e = f["concepts"][k]
+            per = "; ".join(
+                f"{n} p@N {e[n]['precision_at_n']:.2f} vs chance {e[n]['precision_at_n'] / max(e[n]['lift'], 1e-9):.2f}, p {e[n]['p_value']:.2g}"
+                for n in names
+                if isinstance(e.get(n), dict)
+            )
+            lines.append(f"  concept {k}: {e['best']} [{per}]")
+    return "\n".join(lines)
+
+
+def label(cfg: LabelConfig) -> None:
+    from usae.evaluation.labeling import format_labels, label
+
+    print(format_labels(label(cfg)))
+    print(f"\nlabels: {(cfg.out or cfg.run) / 'labels.json'}")
+
+
+def splice(cfg: SpliceConfig) -> None:
+    from usae.evaluation.splice import format_splice, splice_cli
+
+    result, path = splice_cli(cfg)
+    print(format_splice(result))
+    print(f"splice: {path}")
+
+
 def explore(cfg: ExploreConfig) -> None:
-    from usae.explore import explore_cli
+    from usae.explorer.site import explore_cli
 
     print(f"concept explorer: {explore_cli(cfg)}")
 
 
 def maximize(cfg: MaximizeConfig) -> None:
-    from usae.maximize import maximize_cli
+    from usae.explorer.maximize import maximize_cli
 
     for out in maximize_cli(cfg):
         print(f"maximisation: {out / 'panel.png'}")
 
 
 def ablate(cfg: AblateConfig) -> None:
-    from usae.ablate import ablate as run_ablate
-    from usae.ablate import format_table
+    from usae.experiments.ablate import ablate as run_ablate
+    from usae.experiments.ablate import format_table
 
     print(format_table(run_ablate(cfg)))
 
 
 def encode(cfg: EncodeConfig) -> None:
-    from usae.codes import encode_store
+    from usae.data.codes import encode_store
 
     print(f"codes: {encode_store(cfg)}")
 
 
 def import_official(cfg: ImportOfficialConfig) -> None:
-    from usae.official import import_official as run_import
+    from usae.interop.official import import_official as run_import
 
     sae = run_import(cfg.config_yaml, cfg.checkpoint_dir, cfg.out, overwrite=cfg.overwrite)
     print(f"run: {cfg.out}  models: {', '.join(sae.model_names)}  concepts: {sae.n_latents}  k: {sae.k}")
 
 
 def export(cfg: ExportConfig) -> None:
-    from usae.hub import export_run
+    from usae.interop.hub import export_run
 
     out = export_run(cfg.run, cfg.out, dtype=cfg.dtype, push_to_hub=cfg.push_to_hub, private=cfg.private)
     print(f"pretrained: {out}" + (f"  hub: {cfg.push_to_hub}" if cfg.push_to_hub else ""))
 
 
 def verify(cfg: VerifyConfig) -> None:
-    from usae.checkpoint import verify as run_verify
+    from usae.verify import verify as run_verify
 
     print(run_verify(cfg.path))
 
 
-COMMANDS = {
-    "synth": SynthConfig,
-    "train": TrainConfig,
-    "evaluate": EvalConfig,
-    "baseline": BaselineConfig,
-    "ablate": AblateConfig,
-    "extract": ExtractConfig,
-    "demo": DemoConfig,
-    "explore": ExploreConfig,
-    "maximize": MaximizeConfig,
-    "encode": EncodeConfig,
-    "import-official": ImportOfficialConfig,
-    "export": ExportConfig,
-    "verify": VerifyConfig,
-}
-HANDLERS = {
-    "synth": synth,
-    "train": train,
-    "evaluate": evaluate,
-    "baseline": baseline,
-    "ablate": ablate,
-    "extract": extract,
-    "demo": demo,
-    "explore": explore,
-    "maximize": maximize,
-    "encode": encode,
-    "import-official": import_official,
-    "export": export,
-    "verify": verify,
+# command -> (config dataclass: the flags, --help and saved config; handler)
+COMMANDS: dict[str, tuple[type, Any]] = {
+    "synth": (SynthConfig, synth),
+    "train": (TrainConfig, train),
+    "evaluate": (EvalConfig, evaluate),
+    "baseline": (BaselineConfig, baseline),
+    "ablate": (AblateConfig, ablate),
+    "extract": (ExtractConfig, extract),
+    "demo": (DemoConfig, demo),
+    "label": (LabelConfig, label),
+    "splice": (SpliceConfig, splice),
+    "explore": (ExploreConfig, explore),
+    "maximize": (MaximizeConfig, maximize),
+    "encode": (EncodeConfig, encode),
+    "import-official": (ImportOfficialConfig, import_official),
+    "export": (ExportConfig, export),
+    "verify": (VerifyConfig, verify),
 }
 
 
@@ -205,11 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] not in COMMANDS:
-        tyro.extras.subcommand_cli_from_dict(COMMANDS, prog="usae", args=args)
+        tyro.extras.subcommand_cli_from_dict({c: cls for c, (cls, _) in COMMANDS.items()}, prog="usae", args=args)
         return 2
     try:
-        cfg = tyro.cli(COMMANDS[args[0]], prog=f"usae {args[0]}", args=args[1:])
-        HANDLERS[args[0]](cfg)
+        config_cls, handler = COMMANDS[args[0]]
+        handler(tyro.cli(config_cls, prog=f"usae {args[0]}", args=args[1:]))
     except UsaeError as e:
         print(f"usae: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,27 @@
+"""Which device a command runs on, and what that device multiplies fast."""
+
+from __future__ import annotations
+
+import torch
+
+from usae.errors import UsaeError
+
+
+def resolve_device(device: str) -> torch.device:
+    """``'auto'`` -> cuda if present, else cpu; any other torch device string as given."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise UsaeError(f"--device: unknown device {device!r}") from None
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bfloat16 matrices in hardware (then 3-4x faster than float32)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 8
+    if device.type == "cpu":
+        caps = torch.cpu.get_capabilities()
+        return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+    return False

@@ -1,0 +1,164 @@
+"""Ablation sweeps: train and evaluate a grid of configurations, tabulate the headline numbers.
+
+Each grid point is an ordinary run directory under OUT/runs/<name>; a point whose run already
+holds a report for the same resolved configuration is reused, not retrained, so an interrupted
+or extended sweep only trains what is missing. Points that read the same data (same store and
+models) train together on one pass over the store. Results go to OUT/ablation.csv and
+OUT/ablation.md.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import itertools
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from usae._io import read_json, write_json_atomic
+from usae.config import AblateConfig, TrainConfig
+from usae.data.store import open_store
+from usae.errors import UsaeError
+from usae.evaluation.evaluate import evaluate
+from usae.run import finished_run
+from usae.training.fit import DATA_FIELDS, fit_many
+
+log = logging.getLogger(__name__)
+
+COLUMNS = [
+    "store",
+    "rule",
+    "n_models",
+    "n_latents",
+    "k",
+    "r2_cross_mean",
+    "r2_self_mean",
+    "universal_pct",
+    "dead_pct",
+    "tokens_per_s",
+]
+
+_TABLE = jinja2.Template(
+    "| {{ columns | join(' | ') }} |\n|{% for c in columns %}---|{% endfor %}\n"
+    "{% for row in rows %}| {% for c in columns %}{{ fmt(row[c]) }} | {% endfor %}\n{% endfor %}"
+)
+
+
+def grid(cfg: AblateConfig) -> list[TrainConfig]:
+    """The TrainConfigs of the sweep, one per grid point, each with its own run directory."""
+    points = []
+    for store_dir, rule, n_models, n_latents, k in itertools.product(
+        cfg.stores, cfg.rules, cfg.n_models, cfg.n_latents, cfg.k
+    ):
+        names = open_store(store_dir).model_names
+        if n_models > len(names):
+            raise UsaeError(f"--n-models {n_models}: store {store_dir} has only {len(names)} models")
+        if k > n_latents:
+            raise UsaeError(f"--k {k} exceeds --n-latents {n_latents}")
+        name = f"{Path(store_dir).name}-{rule}-m{n_models}-s{n_latents}-k{k}"
+        points.append(
+            TrainConfig(
+                store=Path(store_dir),
+                out=cfg.out / "runs" / name,
+                models=tuple(names[:n_models]),
+                rule=rule,
+                n_latents=n_latents,
+                k=k,
+                steps=cfg.steps,
+                batch_size=cfg.batch_size,
+                seed=cfg.seed,
+                device=cfg.device,
+                progress=False,
+                overwrite=True,
+            )
+        )
+    return points
+
+
+def _finished(point: TrainConfig) -> dict[str, Any] | None:
+    """The saved result of a grid point, if its run finished with this very configuration."""
+    result_path = point.out / "ablation.json"
+    if not result_path.is_file() or not (point.out / "report.json").is_file() or not finished_run(point.out, point):
+        return None
+    try:
+        return read_json(result_path, "ablation result")
+    except UsaeError:
+        return None
+
+
+def _row(point: TrainConfig, report: dict[str, Any], tokens_per_s: float) -> dict[str, Any]:
+    counts = report["classes"]["counts"]
+    return {
+        "store": point.store.name,
+        "rule": point.rule,
+        "n_models": len(report["model_names"]),
+        "n_latents": point.n_latents,
+        "k": point.k,
+        "r2_cross_mean": report["r2_cross_mean"],
+        "r2_self_mean": report["r2_self_mean"],
+        "universal_pct": 100 * counts["universal"] / point.n_latents,
+        "dead_pct": 100 * report["dead_fraction_all"],
+        "tokens_per_s": tokens_per_s,
+    }
+
+
+def train_points(points: list[TrainConfig], max_eval_rows: int | None) -> list[dict[str, Any]]:
+    """Train the points (all sharing DATA_FIELDS) in one pass over their store, then evaluate each.
+
+    ``tokens_per_s`` of each point is its share of the group: steps * batch / (wall time / points).
+    """
+    t0 = time.perf_counter()
+    fit_many(points)
+    seconds_each = (time.perf_counter() - t0) / len(points)
+    rows = []
+    for point in points:
+        report = evaluate(point.out, point.store, max_rows=max_eval_rows, progress=False)
+        row = _row(point, report, point.steps * point.batch_size / seconds_each)
+        write_json_atomic(point.out / "ablation.json", row)
+        rows.append(row)
+    return rows
+
+
+def ablate(cfg: AblateConfig) -> list[dict[str, Any]]:
+    """Run the sweep; write OUT/ablation.csv and OUT/ablation.md; return the rows in grid order.
+
+    Finished points are reused; the others are grouped by the data they read (store and models)
+    and each group trains in lockstep on one pass over its store (``fit_many``).
+    """
+    points = grid(cfg)
+    rows: dict[Path, dict[str, Any]] = {}
+    todo: dict[tuple, list[TrainConfig]] = {}
+    for point in points:
+        done = _finished(point)
+        if done is not None:
+            log.info("reusing %s", point.out)
+            rows[point.out] = done
+        else:
+            todo.setdefault(tuple(getattr(point, f) for f in DATA_FIELDS), []).append(point)
+    for group in todo.values():
+        for point, row in zip(group, train_points(group, cfg.max_eval_rows), strict=True):
+            rows[point.out] = row
+    ordered = [rows[p.out] for p in points]
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    with (cfg.out / "ablation.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(ordered)
+    (cfg.out / "ablation.md").write_text(format_table(ordered))
+    write_json_atomic(cfg.out / "ablation-config.json", {k: str(v) for k, v in dataclasses.asdict(cfg).items()})
+    return ordered
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown table of the headline numbers."""
+
+    def fmt(v: Any) -> str:
+        if v is None:
+            return "–"
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    return _TABLE.render(columns=COLUMNS, rows=rows, fmt=fmt)

@@ -1,0 +1,154 @@
+"""``usae baseline``: train (or reuse) one independent SAE per model beside a run and compare them.
+
+Independent SAEs go to RUN/baselines/<model>/, the comparison (evaluation/baselines/) to
+RUN/baselines.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+from usae._io import write_json_atomic
+from usae.config import BaselineConfig
+from usae.data.store import open_store
+from usae.device import resolve_device
+from usae.errors import UsaeError
+from usae.evaluation.baselines import (
+    dictionary_agreement,
+    match_latents,
+    representation_similarity,
+    stitch_dictionaries,
+    stream_correlations,
+)
+from usae.evaluation.baselines.matching import matching_section
+from usae.model.sae import UniversalSAE
+from usae.run import MODEL_NAME, RESULT_FREE_FIELDS, differing_field, load, read_run_config
+from usae.training.fit import fit
+from usae.training.run_dir import load_train_config
+
+log = logging.getLogger(__name__)
+
+BASELINES_VERSION = 1
+BASELINES_DIR = "baselines"
+BASELINES_JSON = "baselines.json"
+
+
+def train_independent(
+    run_dir: str | Path, store_dir: str | Path, *, retrain: bool = False, device: str = "auto", progress: bool = True
+) -> dict[str, UniversalSAE]:
+    """One TopK SAE per model of the run, trained by ``fit`` with the run's own train config.
+
+    Only ``models`` (one), ``out`` (RUN/baselines/<model>) and ``store`` change, so width, k,
+    steps, batch size, LR, normalisation and seed are the USAE's. An existing
+    RUN/baselines/<model>/model.safetensors is reused unless ``retrain``; one trained with
+    different settings is an error.
+    """
+    run_dir = Path(run_dir)
+    train = load_train_config(run_dir)
+    # the SAE widths, not train.models: config._coerce truncates tuples of 3+ models to 2 (reported)
+    names = list(read_run_config(run_dir)["sae"]["widths"])
+    saes = {}
+    for name in names:
+        out = run_dir / BASELINES_DIR / name
+        if (out / MODEL_NAME).is_file() and not retrain:
+            diff = differing_field(read_run_config(out)["train"], train, RESULT_FREE_FIELDS | {"models", "extend"})
+            if diff is not None:
+                key, current, value = diff
+                raise UsaeError(
+                    f"{out}/config.json: {key}={value!r} differs from the run's {current!r}; pass --retrain to replace it"
+                )
+            log.info("reusing independent SAE %s", out)
+            saes[name] = load(out, device=resolve_device(device))
+            continue
+        log.info("training independent SAE for model %r -> %s", name, out)
+        # extend=None: the baseline of a universe grown by --extend is still trained from scratch
+        changes = {"store": Path(store_dir), "out": out, "models": (name,), "extend": None, "resume": False}
+        changes |= {"overwrite": True, "save_every": 0, "device": device, "progress": progress}
+        saes[name] = fit(dataclasses.replace(train, **changes)).sae
+    return saes
+
+
+def _recovery(sae: UniversalSAE, indep: dict[str, UniversalSAE], matchings: dict, truth: Path) -> dict[str, Any]:
+    from usae.data.synth import load_truth, recovery
+
+    world, names = load_truth(truth), sae.model_names
+    stitched = stitch_dictionaries(
+        {n: indep[n].dictionary(n).cpu().numpy() for n in names},
+        names[0],
+        {names[j]: matchings[(0, j)] for j in range(1, len(names))},
+    )
+    return {
+        "threshold": 0.9,
+        "usae": recovery({n: sae.dictionary(n).cpu().numpy() for n in names}, world),
+        "independent_matched": recovery(stitched, world),
+    }
+
+
+def run_baselines(
+    run_dir: str | Path,
+    store_dir: str | Path,
+    *,
+    max_rows: int | None = None,
+    batch_size: int = 8192,
+    similarity_rows: int = 2048,
+    knn_k: int = 10,
+    match_threshold: float = 0.5,
+    cosine_threshold: float = 0.5,
+    truth: str | Path | None = None,
+    retrain: bool = False,
+    seed: int = 0,
+    device: str = "auto",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train (or reuse) independent SAEs under RUN/baselines/, compare, write RUN/baselines.json.
+
+    Keys: ``matching`` (per model pair: independent SAEs matched by activation correlation +
+    Hungarian, vs the USAE's same-index correlation), ``dictionary_agreement`` (per model, the
+    paper's cosine > 0.5 comparison with a random baseline), ``similarity`` (CKA and mutual k-NN,
+    (m, m) per representation), ``recovery`` (only with ``truth``). See docs/report.md.
+    """
+    run_dir, store = Path(run_dir), open_store(store_dir)
+    sae = load(run_dir, device=resolve_device(device))
+    names = sae.model_names
+    if len(names) < 2:
+        raise UsaeError(f"{run_dir}: baselines compare models; this run has one ({names})")
+    train = read_run_config(run_dir)["train"]
+    if read_run_config(run_dir).get("store", {}).get("hash") not in (None, store.hash):
+        log.warning("%s is not the store %s was trained on; the independent SAEs train on it", store.path, run_dir)
+    indep = train_independent(run_dir, store.path, retrain=retrain, device=device, progress=progress)
+    stop = store.n_rows if max_rows is None else min(max_rows, store.n_rows)
+    corr, same = stream_correlations(sae, indep, store, stop=stop, batch_size=batch_size, progress=progress)
+    matchings = {p: match_latents(c) for p, c in corr.items()}
+    result: dict[str, Any] = {
+        "baselines_version": BASELINES_VERSION,
+        "run": str(run_dir),
+        "store": {"path": str(store.path), "hash": store.hash},
+        "model_names": names,
+        "n_rows": stop,
+        "independent": {
+            "dir": str(run_dir / BASELINES_DIR),
+            **{key: train[key] for key in ("n_latents", "k", "steps", "batch_size", "seed")},
+        },
+        "matching": matching_section(names, matchings, same, match_threshold),
+        "dictionary_agreement": {
+            n: dictionary_agreement(sae.dictionary(n).cpu(), indep[n].dictionary(n).cpu(), cosine_threshold, seed)
+            for n in names
+        },
+        "similarity": representation_similarity(
+            sae, indep, store, stop=stop, n_rows=similarity_rows, knn_k=knn_k, seed=seed
+        ),
+    }
+    if truth is not None:
+        result["recovery"] = _recovery(sae, indep, matchings, Path(truth))
+    write_json_atomic(run_dir / BASELINES_JSON, result)
+    log.info("wrote %s", run_dir / BASELINES_JSON)
+    return result
+
+
+def baseline_cli(cfg: BaselineConfig) -> dict[str, Any]:
+    """``usae baseline RUN STORE``: ``run_baselines`` with the config's settings."""
+    kwargs = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in ("run", "store")}
+    return run_baselines(cfg.run, cfg.store, **kwargs)

@@ -1,0 +1,381 @@
+"""The concept explorer's pages: Jinja2 templates (``explorer/templates``, autoescaped) filled from
+the report, the streamed top images and their token maps, and the concept labels (labels.py).
+See ``usae.explorer.concepts`` for the image layout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from usae._io import read_json
+from usae.config import ExploreConfig
+from usae.data.store import Store
+from usae.errors import UsaeError
+from usae.evaluation import classes as concept_classes
+from usae.evaluation import figures as report_figures
+from usae.evaluation.evaluate import evaluate
+from usae.evaluation.report import format_number, store_labels
+from usae.explorer.concepts import (
+    OVERLAY_ALPHA,
+    SITE_MARKER,
+    THUMB_SIZE,
+    TopImages,
+    colormap_lut,
+    image_layout,
+    iter_image_codes,
+    load_view,
+    open_run_store,
+    scan_top_images,
+)
+from usae.explorer.labels import (
+    ARTIFACT_TOP,
+    ConceptLabels,
+    all_label_names,
+    artifact_marks,
+    artifact_summary,
+    border_share_by_chance,
+    label_pages,
+    label_parts,
+    label_scores,
+    label_slugs,
+    labels_path,
+    read_concept_labels,
+    same_store,
+)
+from usae.explorer.maximize import RESULT_NAME, concept_dir_re, maximize, write_maximization
+from usae.model.sae import UniversalSAE
+
+log = logging.getLogger(__name__)
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
+        autoescape=jinja2.select_autoescape(["html"], default_for_string=True),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["num"] = format_number
+    env.filters["short"] = lambda image_id: str(image_id).rstrip("/").rsplit("/", 1)[-1]  # paths: the file name
+    return env
+
+
+def _run_report(cfg: ExploreConfig, sae: UniversalSAE, store: Store) -> dict[str, Any]:
+    """RUN/report.json when it was computed on this store, else a fresh ``evaluate`` (not saved to RUN)."""
+    path = Path(cfg.run) / "report.json"
+    if path.is_file():
+        report = read_json(path, "report")
+        same = report.get("store", {}).get("hash") == store.hash and report.get("model_names") == sae.model_names
+        if same and report.get("n_rows") == store.n_rows:
+            return report
+    log.info("no report for this store in %s; evaluating", cfg.run)
+    return evaluate(sae, store, out=None, progress=cfg.progress)
+
+
+def _write_figures(report: dict[str, Any], fig_dir: Path) -> list[dict[str, str]]:
+    fig_dir.mkdir()
+    reports, labels = [report], store_labels([report])
+    thresholds = concept_classes.thresholds_of(report)
+    table = concept_classes.class_counts(report, concept_classes.classify(report, thresholds), thresholds)
+    figures = {
+        "r2_matrix": (
+            "Cross-reconstruction R² (row: encode with, column: decode to)",
+            report_figures.figure_r2(reports, labels),
+        ),
+        "firing_entropy": (
+            "Firing entropy of live concepts",
+            report_figures.figure_firing_entropy(reports, labels, thresholds),
+        ),
+        "classes": ("Concepts each model uses, by class", report_figures.figure_classes([table], labels)),
+        "cofire_rank": ("Co-fire proportion vs energy rank", report_figures.figure_cofire_rank(reports, labels)),
+    }
+    out = []
+    for stem, (title, fig) in figures.items():
+        fig.savefig(fig_dir / f"{stem}.png", dpi=80)
+        out.append({"src": f"figures/{stem}.png", "title": title})
+    return out
+
+
+def _concept_rows(
+    report: dict[str, Any], labels: ConceptLabels, top: TopImages, slugs: dict[str, str], grid: tuple[int, int]
+) -> list[dict[str, Any]]:
+    """Per concept: the report's numbers, its class, labels and artifact marks, and whether it has any top image."""
+    names, n_rows = report["model_names"], report["n_rows"]
+    scored = labels.scored
+    border_base = border_share_by_chance(scored, grid) if scored else 0.0
+    classes = concept_classes.classify(report, concept_classes.thresholds_of(report))
+    share_ms = concept_classes.energy_share(report)  # ranks concepts whatever each model's activation scale
+    rows = []
+    for k in range(report["n_latents"]):
+        fires = [report["fires"][n][k] for n in names]
+        energy = [report["energy"][n][k] for n in names]
+        rows.append(
+            {
+                "id": k,
+                "label": labels.text.get(k, ""),
+                "label_parts": [{**p, "slug": slugs[p["name"]]} for p in label_parts(scored, k)] if scored else [],
+                "scores": label_scores(scored, k, names, slugs) if scored else [],
+                "marks": artifact_marks(scored["artifacts"], k, names, border_base) if scored else [],
+                "cls": classes[k],
+                "fe": report["firing_entropy"][k],
+                "energy": float(share_ms[:, k].sum()),
+                "energy_m": energy,
+                "cfp_m": [report["cofiring"]["proportion"][n][k] for n in names],
+                "fires_m": fires,
+                "per_1k_m": [1000 * f / n_rows for f in fires],
+                "cofires": report["cofiring"]["cofires"][k],
+                "live": bool((top.image_msn[:, k, 0] >= 0).any()),
+                # thumbnail: the top image in the model where the concept fires most often
+                "thumb_model": int(np.argmax(fires)),
+                "thumb": None,
+            }
+        )
+    return rows
+
+
+def _maximizations(max_dir: Path, site_dir: Path, names: list[str]) -> dict[int, dict[str, Any]]:
+    """Copy every RUN/maximize/concept-<k>/ result into the site; concept -> page data."""
+    found = {}
+    for src in sorted(max_dir.glob("concept-*")) if max_dir.is_dir() else []:
+        m = concept_dir_re.fullmatch(src.name)
+        if not m or not (src / RESULT_NAME).is_file():
+            continue
+        k, result = int(m[1]), read_json(src / RESULT_NAME, "maximisation result")
+        dst = site_dir / "max" / str(k)
+        dst.mkdir(parents=True)
+        models = []
+        for name, r in result.get("models", {}).items():
+            if name in names and (src / r["png"]).is_file():
+                shutil.copy2(src / r["png"], dst / r["png"])
+                models.append({"name": name, "src": f"../max/{k}/{r['png']}", **r})
+        if models:
+            found[k] = {"models": models, "steps": result.get("steps"), "seed": result.get("seed")}
+    return found
+
+
+def _save_thumb(store: Store, j: int, path: Path) -> None:
+    """img/<j>.jpg: the canonical view (at most THUMB_SIZE px); a grey tile if the file is gone."""
+    try:
+        view = load_view(store, j)
+    except UsaeError as e:
+        log.warning("%s; drawing a grey tile", e)
+        view = np.full((THUMB_SIZE, THUMB_SIZE, 3), 128, np.uint8)
+    img = Image.fromarray(view)
+    if img.width > THUMB_SIZE:
+        img = img.resize((THUMB_SIZE, THUMB_SIZE), Image.Resampling.BICUBIC)
+    img.save(path, quality=88)
+
+
+def build_site(cfg: ExploreConfig, site: Path) -> None:
+    """Every page of the explorer into the (empty) directory ``site``."""
+    sae, store = open_run_store(cfg.run, cfg.store, cfg.device)
+    layout = image_layout(store)
+    if not isinstance(store.extra.get("images"), dict):
+        raise UsaeError(f"{store.path / 'metadata.json'}: field 'extra.images' (the image source) is missing")
+    labels = read_concept_labels(labels_path(cfg), sae.n_latents, sae.model_names, explicit=cfg.labels is not None)
+    report = _run_report(cfg, sae, store)
+    if cfg.maximize_top:
+        _maximize_top(cfg, report)
+    env, names = _environment(), sae.model_names
+    for sub in ("concepts", "images", "img", "assets"):
+        (site / sub).mkdir()
+    for asset in ("explorer.css", "explorer.js"):
+        shutil.copy2(Path(__file__).parent / "templates" / asset, site / "assets" / asset)
+    # the heatmap colours, shared with overlay(); a script file, since file:// pages cannot fetch JSON
+    (site / "assets" / "colormap.js").write_text(f"window.USAE_LUT = {json.dumps(colormap_lut().tolist())};\n")
+    figures = _write_figures(report, site / "figures")
+    top = scan_top_images(sae, store, cfg.n_top, batch_images=cfg.batch_images, progress=cfg.progress)
+    slugs = label_slugs(all_label_names(labels.scored)) if labels.scored else {}
+    concepts = _concept_rows(report, labels, top, slugs, layout.grid)
+    common = {"names": names, "grid": list(layout.grid), "alpha": OVERLAY_ALPHA}
+    heat_et, ent = _image_pass(cfg, sae, store, top, concepts, report.get("tau", 0.1), env, common, site)
+    maxi = _maximizations(Path(cfg.run) / "maximize", site, names)
+    _concept_pages(top, concepts, heat_et, ent, layout, maxi, env, common, site, cfg.progress)
+    label_families = label_pages(labels.scored, concepts, slugs, env, common, site) if labels.scored else []
+    (site / "index.html").write_text(
+        env.get_template("index.html").render(
+            **common,
+            root="",
+            title="Concept explorer",
+            concepts=concepts,
+            report=report,
+            figures=figures,
+            n_images=len(layout.image_ids),
+            n_live=sum(c["live"] for c in concepts),
+            n_maximized=len(maxi),
+            labels=labels,
+            label_families=label_families,
+            labels_same_store=same_store(labels.scored, store),
+            artifacts=artifact_summary(concepts) if labels.scored and labels.scored["artifacts"] else None,
+            artifact_top=ARTIFACT_TOP,
+        )
+    )
+
+
+def _entries(top: TopImages) -> tuple[np.ndarray, np.ndarray]:
+    """Every filled top slot as rows (model, concept, rank), sorted by image; and their images."""
+    ent = np.argwhere(top.image_msn.numpy() >= 0)
+    img = top.image_msn.numpy()[ent[:, 0], ent[:, 1], ent[:, 2]]
+    order = np.argsort(img, kind="stable")
+    return ent[order], img[order]
+
+
+def _image_pass(cfg, sae, store, top, concepts, report_tau, env, common, site) -> tuple[np.ndarray, np.ndarray]:
+    """Re-encode the images that are in some top list: their token maps, thumbnails and image pages."""
+    layout = image_layout(store)
+    ent, ent_img = _entries(top)
+    wanted = np.unique(ent_img)
+    heat_et = np.zeros((len(ent), layout.tokens_per_image), np.float32)
+    vmax_ms = top.value_msn[:, :, 0].numpy()
+    template = env.get_template("image.html")
+    bar = tqdm(total=len(wanted), unit="img", desc="explore: image pages", disable=not cfg.progress)
+    # PIL decodes and encodes with the GIL released: thumbnails overlap with the rendering below.
+    with ThreadPoolExecutor(2) as pool:
+        for chunk, codes in iter_image_codes(sae, store, wanted, batch_images=cfg.batch_images):
+            thumbs = [pool.submit(_save_thumb, store, j, site / "img" / f"{j}.jpg") for j in chunk.tolist()]
+            z_mbts = torch.stack([codes[n] for n in sae.model_names]).cpu()
+            lo, hi = np.searchsorted(ent_img, [chunk[0], chunk[-1] + 1])
+            loc_e = torch.from_numpy(np.searchsorted(chunk, ent_img[lo:hi]))
+            m_e, k_e = torch.from_numpy(ent[lo:hi, 0]), torch.from_numpy(ent[lo:hi, 1])
+            heat_et[lo:hi] = z_mbts[m_e, loc_e, :, k_e].numpy()  # (entries, t)
+            seen = _seen_by(z_mbts, vmax_ms, concepts, cfg.concepts_per_image, float(report_tau))
+            for loc, j in enumerate(chunk.tolist()):
+                page = template.render(
+                    **common, root="../", title=f"Image {j}", j=j, image_id=layout.image_ids[j], seen=seen[loc]
+                )
+                (site / "images" / f"{j}.html").write_text(page)
+            for future in thumbs:
+                future.result()
+            bar.update(len(chunk))
+    bar.close()
+    return heat_et, ent
+
+
+def _seen_by(z_mbts: Tensor, vmax_ms: np.ndarray, concepts: list, n: int, tau: float) -> list[list[list[dict]]]:
+    """For each of b images, per model: the ``n`` concepts firing most on it, with their token maps.
+
+    ``z_mbts``: (m, b, t, s) codes. ``shared`` marks concepts that fire (code > tau) on the image in
+    every model. Heatmaps are scaled to the concept's top image in that model (``vmax_ms``).
+    """
+    m, b, t, s = z_mbts.shape
+    score_mbs = z_mbts.amax(2)
+    shared_bs = (score_mbs > tau).all(0).numpy()
+    top = score_mbs.topk(min(n, s), dim=2)  # (m, b, n)
+    idx_mbn, val_mbn = top.indices.numpy(), top.values.numpy()
+    maps_mbtn = z_mbts.gather(3, top.indices[:, :, None, :].expand(-1, -1, t, -1)).numpy()
+    scale_mbn = vmax_ms[np.arange(m)[:, None, None], idx_mbn]
+    scale_mbn = np.where(scale_mbn > 0, scale_mbn, 1.0)
+    q_mbtn = np.clip(np.round(maps_mbtn / scale_mbn[:, :, None, :] * 255), 0, 255).astype(np.uint8)
+    out = []
+    for loc in range(b):
+        per_model = []
+        for i in range(m):
+            col = []
+            for r, (k, v) in enumerate(zip(idx_mbn[i, loc].tolist(), val_mbn[i, loc].tolist(), strict=True)):
+                if v > 0:
+                    c, hx = concepts[k], q_mbtn[i, loc, :, r].tobytes().hex()
+                    col.append(
+                        {
+                            "k": k,
+                            "label": c["label"],
+                            "cls": c["cls"],
+                            "value": v,
+                            "hex": hx,
+                            "shared": bool(shared_bs[loc, k]),
+                        }
+                    )
+            per_model.append(col)
+        out.append(per_model)
+    return out
+
+
+def _concept_pages(top, concepts, heat_et, ent, layout, maxi, env, common, site, progress) -> None:
+    template = env.get_template("concept.html")
+    value_msn, image_msn = top.value_msn.numpy(), top.image_msn.numpy()
+    # one byte per token, scaled to the concept's top image in that model
+    vmax_e = value_msn[ent[:, 0], ent[:, 1], 0]
+    q_et = np.clip(np.round(heat_et / np.where(vmax_e > 0, vmax_e, 1.0)[:, None] * 255), 0, 255).astype(np.uint8)
+    hex_msn = np.full(image_msn.shape, "", dtype=object)
+    hex_msn[ent[:, 0], ent[:, 1], ent[:, 2]] = [row.tobytes().hex() for row in q_et]
+    for c in tqdm([c for c in concepts if c["live"]], unit="page", desc="explore: concept pages", disable=not progress):
+        k, columns = c["id"], []
+        for i, name in enumerate(common["names"]):
+            cards = [
+                {"j": int(j), "image_id": layout.image_ids[j], "value": float(v), "hex": hx}
+                for j, v, hx in zip(image_msn[i, k], value_msn[i, k], hex_msn[i, k], strict=True)
+                if j >= 0
+            ]
+            columns.append({"name": name, "cards": cards})
+        # the index's thumbnail: the top image in the model that fires most, else in any model
+        firsts = [columns[c["thumb_model"]]["cards"][:1], *(col["cards"][:1] for col in columns)]
+        c["thumb"] = next((f[0] for f in firsts if f), None)
+        page = template.render(**common, root="../", title=f"Concept {k}", c=c, columns=columns, maxi=maxi.get(k))
+        (site / "concepts" / f"{k}.html").write_text(page)
+
+
+def _maximize_top(cfg: ExploreConfig, report: dict[str, Any]) -> None:
+    """Run coordinated maximisation for the ``maximize_top`` universal concepts of most energy."""
+    classes = concept_classes.classify(report, concept_classes.thresholds_of(report))
+    energy_s = concept_classes.energy_share(report).sum(0)
+    ranked = [int(k) for k in np.argsort(-energy_s, kind="stable") if classes[k] == "universal"]
+    for k in ranked[: cfg.maximize_top]:
+        result = maximize(
+            cfg.run,
+            k,
+            store=cfg.store,
+            steps=cfg.maximize_steps,
+            n_crops=cfg.maximize_crops,
+            device=cfg.device,
+            progress=cfg.progress,
+        )
+        write_maximization(result, Path(cfg.run) / "maximize", k)
+
+
+def explore(
+    run_dir: str | Path,
+    store_dir: str | Path,
+    out_dir: str | Path,
+    **opts: Any,
+) -> Path:
+    """Write the concept explorer for ``run_dir`` on ``store_dir`` to ``out_dir``; return index.html.
+
+    Options are the fields of ``usae.config.ExploreConfig`` (n_top, labels, batch_images,
+    concepts_per_image, maximize_top, maximize_steps, maximize_crops, device, progress).
+    """
+    return explore_cli(ExploreConfig(run=Path(run_dir), store=Path(store_dir), out=Path(out_dir), **opts))
+
+
+def explore_cli(cfg: ExploreConfig) -> Path:
+    """``usae explore``: build the site in a temporary sibling directory, then move it into place."""
+    out = Path(cfg.out).absolute()
+    if out.exists() and not (out.is_dir() and ((out / SITE_MARKER).is_file() or not any(out.iterdir()))):
+        raise UsaeError(f"{out} exists and is not a concept explorer site; refusing to replace it")
+    tmp = out.with_name(f"{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    started = time.perf_counter()
+    try:
+        build_site(cfg, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    (tmp / SITE_MARKER).write_text("usae concept explorer\n")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    log.info("wrote concept explorer %s in %.1f s", out / "index.html", time.perf_counter() - started)
+    return out / "index.html"

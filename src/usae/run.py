@@ -1,0 +1,224 @@
+"""Run directories: ``config.json`` + ``model.safetensors`` — what they hold, how to save and load them.
+
+Layout of RUN/ (docs/format.md):
+  config.json             schema version, resolved train config, SAE architecture, models, store
+  model.safetensors       the UniversalSAE's tensors (parameters and buffers), the newest save
+  metrics.jsonl           training log (training/fit.py)
+  checkpoints/            resumable training checkpoints (training/checkpoints.py)
+
+``load`` also reads ``save_pretrained`` directories and migrates older schema versions.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from usae._io import load_tensors, read_json, save_tensors_atomic, write_json_atomic
+from usae._version import __version__
+from usae.config import SAEConfig, TrainConfig, from_json_dict, to_json_dict
+from usae.errors import UsaeError
+from usae.model.sae import UniversalSAE
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+MODEL_NAME = "model.safetensors"
+# Run and pretrained artifacts (config.json + model.safetensors). History, see docs/format.md:
+#   1: W_enc stored (d, n_latents) until commit 0627d45, (n_latents, d) after it (same number);
+#   2: W_enc always (n_latents, d); safetensors files carry a content checksum. 1 is migrated on load.
+SCHEMA_VERSION = 2
+# Formats whose config.json + model.safetensors describe a UniversalSAE; older schema versions
+# that load() migrates (see migrate_tensors).
+ARTIFACT_FORMATS = ("usae-run", "usae-pretrained")
+MIGRATABLE_VERSIONS = (1,)
+
+
+def run_config(sae: UniversalSAE, train: dict[str, Any], store: dict[str, Any]) -> dict[str, Any]:
+    """The JSON object saved as RUN/config.json."""
+    return {
+        "format": "usae-run",
+        "schema_version": SCHEMA_VERSION,
+        "usae_version": __version__,
+        "sae": to_json_dict(sae.cfg),
+        "models": [
+            {
+                "name": name,
+                "width": sae.cfg.widths[name],
+                "normalization": train.get("normalization"),
+                "scale_mean": float(sae.head(name).scale_d.mean()),
+                "shift_norm": float(sae.head(name).shift_d.norm()),
+            }
+            for name in sae.model_names
+        ],
+        "train": train,
+        "store": store,
+    }
+
+
+def read_run_config(run_dir: Path, formats: tuple[str, ...] = ("usae-run",), older_ok: bool = False) -> dict[str, Any]:
+    """RUN/config.json, checked for format, schema version and the 'sae' field.
+
+    ``older_ok``: also accept schema versions that :func:`migrate_tensors` upgrades (for loading
+    weights; resuming training from an older run is refused).
+    """
+    path = Path(run_dir) / CONFIG_NAME
+    if not Path(run_dir).is_dir():
+        raise UsaeError(f"{run_dir}: no run directory")
+    cfg = read_json(path, "run config")
+    if not isinstance(cfg, dict) or cfg.get("format") not in formats:
+        got = cfg.get("format") if isinstance(cfg, dict) else type(cfg).__name__
+        raise UsaeError(f"{path}: not a usae config (format is {got!r}, expected one of {list(formats)})")
+    version = cfg.get("schema_version")
+    if version != SCHEMA_VERSION and not (older_ok and version in MIGRATABLE_VERSIONS):
+        if version in MIGRATABLE_VERSIONS:
+            raise UsaeError(
+                f"{path}: written by an older usae (schema_version {version}); usae.load() migrates its "
+                f"weights, but training cannot resume from it"
+            )
+        raise UsaeError(f"{path}: unsupported schema_version {version!r} (this usae reads {SCHEMA_VERSION})")
+    if "sae" not in cfg:
+        raise UsaeError(f"{path}: missing field 'sae'")
+    return cfg
+
+
+def sae_config_from_run(cfg: dict[str, Any], where: Path) -> SAEConfig:
+    return from_json_dict(SAEConfig, cfg["sae"], f"{where}: sae")
+
+
+def migrate_tensors(
+    tensors: dict[str, torch.Tensor], sae_cfg: SAEConfig, version: int, where: Path
+) -> dict[str, torch.Tensor]:
+    """Upgrade the tensors of a schema ``version`` artifact to the current layout.
+
+    Schema 1 stored W_enc as (d, n_latents) before commit 0627d45 and as (n_latents, d) after,
+    under the same number. A non-square W_enc tells by its shape; a square one is oriented so its
+    rows agree best with the decoder's (encoders start as the decoder and stay close to it).
+    """
+    if version != 1:
+        return tensors
+    out = dict(tensors)
+    for name, d in sae_cfg.widths.items():
+        key, n = f"heads.{name}.W_enc", sae_cfg.n_latents
+        W, W_dec = out.get(key), out.get(f"heads.{name}.W_dec")
+        if W is None or W.ndim != 2 or tuple(W.shape) not in ((d, n), (n, d)):
+            continue  # the shape check reports it
+        if d != n:
+            transpose = tuple(W.shape) == (d, n)
+        elif W_dec is not None and tuple(W_dec.shape) == (n, d):
+            transpose = _row_agreement(W.t(), W_dec) > _row_agreement(W, W_dec)
+            log.warning("%s: schema 1 model %r has a square W_enc; orientation chosen from the decoder", where, name)
+        else:
+            transpose = False
+        if transpose:
+            out[key] = W.t().contiguous()
+    return out
+
+
+def _row_agreement(W_sd: torch.Tensor, W_dec_sd: torch.Tensor) -> float:
+    """Mean |cosine| between row i of W and row i of the decoder."""
+    cos = torch.nn.functional.cosine_similarity(W_sd.double(), W_dec_sd.double(), dim=1)
+    return float(cos.abs().mean())
+
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
+
+
+def load_state_into(
+    sae: torch.nn.Module, path: Path, schema_version: int = SCHEMA_VERSION, dtype: str | None = None
+) -> None:
+    """Load every tensor of ``sae`` from ``path``, migrating an older ``schema_version``.
+
+    One error per problem, each naming the file and tensor: missing, unexpected, wrong shape,
+    wrong dtype (``dtype``: the dtype config.json declares for float tensors), NaN/inf.
+    """
+    tensors = load_tensors(path)
+    if schema_version != SCHEMA_VERSION and isinstance(getattr(sae, "cfg", None), SAEConfig):
+        tensors = migrate_tensors(tensors, sae.cfg, schema_version, path)
+    own = sae.state_dict()
+    for key in own:
+        if key not in tensors:
+            raise UsaeError(f"{path}: missing tensor {key!r} (the config describes it)")
+    for key in tensors:
+        if key not in own:
+            raise UsaeError(f"{path}: unexpected tensor {key!r} (not in the config's architecture)")
+    want_dtype = _DTYPES.get(dtype) if dtype is not None else None
+    if dtype is not None and want_dtype is None:
+        raise UsaeError(f"{path}: config declares unknown dtype {dtype!r} (one of {list(_DTYPES)})")
+    for key, t in tensors.items():
+        if t.shape != own[key].shape:
+            raise UsaeError(f"{path}: tensor {key!r} has shape {tuple(t.shape)}, config says {tuple(own[key].shape)}")
+        _check_dtype(path, key, t, own[key], want_dtype)
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise UsaeError(f"{path}: tensor {key!r} holds NaN or inf")
+    sae.load_state_dict({k: v.to(own[k].dtype) for k, v in tensors.items()})
+
+
+def _check_dtype(path: Path, key: str, t: torch.Tensor, own: torch.Tensor, want: torch.dtype | None) -> None:
+    got = str(t.dtype).removeprefix("torch.")
+    if own.is_floating_point():
+        if not t.is_floating_point():
+            raise UsaeError(f"{path}: tensor {key!r} has dtype {got}, expected a float dtype")
+        if want is not None and t.dtype != want:
+            declared = str(want).removeprefix("torch.")
+            raise UsaeError(f"{path}: tensor {key!r} has dtype {got}, config.json declares {declared}")
+    elif t.is_floating_point() or t.dtype == torch.bool:
+        raise UsaeError(f"{path}: tensor {key!r} has dtype {got}, expected an integer dtype")
+
+
+def save_run(run_dir: Path, sae: UniversalSAE, config: dict[str, Any]) -> None:
+    """Write RUN/config.json and RUN/model.safetensors (atomically, each)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run_dir / CONFIG_NAME, config)
+    save_tensors_atomic(run_dir / MODEL_NAME, sae.state_dict(), metadata={"format": "usae-run"})
+
+
+def load(run_dir: str | Path, device: str | torch.device = "cpu") -> UniversalSAE:
+    """Load a trained UniversalSAE from a run directory (config.json + model.safetensors).
+
+    Also loads a ``save_pretrained`` directory, and migrates older schema versions.
+    """
+    run_dir = Path(run_dir)
+    cfg = read_run_config(run_dir, ARTIFACT_FORMATS, older_ok=True)
+    sae = UniversalSAE(sae_config_from_run(cfg, run_dir / CONFIG_NAME))
+    dtype = cfg.get("dtype")
+    if dtype is not None and not isinstance(dtype, str):
+        raise UsaeError(f"{run_dir / CONFIG_NAME}: field 'dtype' must be a string, got {dtype!r}")
+    load_state_into(sae, run_dir / MODEL_NAME, cfg["schema_version"], dtype)
+    return sae.to(device).eval()
+
+
+# Train-config fields that do not change what a run computes: where it lives and reads from (the
+# store's content hash is checked separately), how it reports, where it runs.
+RESULT_FREE_FIELDS = frozenset({"resume", "overwrite", "progress", "device", "save_every", "log_every", "store", "out"})
+
+
+def differing_field(saved_train: dict[str, Any], cfg: TrainConfig, free: frozenset[str] = RESULT_FREE_FIELDS):
+    """The first train setting where ``cfg`` differs from a saved run's, as (key, cfg's, saved); None if none.
+
+    The one "is this the same run?" check (resume, reuse of a finished run). A field ``cfg`` leaves
+    to its default (None: resolved when the run starts) matches whatever the run resolved it to.
+    """
+    given = to_json_dict(cfg)
+    for key, value in saved_train.items():
+        current = given.get(key)
+        if key not in free and current is not None and current != value:
+            return key, current, value
+    return None
+
+
+def finished_run(run_dir: Path, cfg: TrainConfig, free: frozenset[str] = RESULT_FREE_FIELDS) -> bool:
+    """True when ``run_dir`` holds a complete, loadable run of ``cfg``'s training settings."""
+    run_dir = Path(run_dir)
+    if not (run_dir / MODEL_NAME).is_file():
+        return False
+    try:
+        saved = read_run_config(run_dir)
+        load(run_dir)
+    except UsaeError:
+        return False
+    return differing_field(saved.get("train", {}), cfg, free) is None

@@ -1,0 +1,93 @@
+"""usae encode: sparse codes written streaming, read back equal to encode()."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from usae.__main__ import main
+from usae.config import SAEConfig
+from usae.data.codes import open_codes
+from usae.data.store import open_store
+from usae.errors import UsaeError
+from usae.model.sae import UniversalSAE
+from usae.run import run_config, save_run
+
+
+def _run(tmp_path, store, activation="topk", k=4):
+    st = open_store(store)
+    torch.manual_seed(0)
+    sae = UniversalSAE(SAEConfig(widths=st.widths, n_latents=40, k=k, activation=activation))
+    for name in sae.model_names:
+        stats = st.stats(name)
+        sae.set_normalization_(name, torch.from_numpy(stats.mean), torch.tensor(stats.std))
+    if activation == "batchtopk":
+        for h in sae.heads.values():
+            h.threshold.fill_(0.05)
+    save_run(tmp_path / "run", sae, run_config(sae, {}, {"hash": st.hash}))
+    return tmp_path / "run", sae.eval()
+
+
+def test_codes_equal_encode_and_are_documented(small_store, tmp_path):
+    run, sae = _run(tmp_path, small_store)
+    out = tmp_path / "codes"
+    args = ["encode", str(run), str(small_store), "--out", str(out), "--rows-per-shard", "2500"]
+    assert main([*args, "--batch-size", "700", "--no-progress"]) == 0
+    codes = open_codes(out)
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["format"] == "usae-codes" and meta["n_shards"] == 3 and meta["k"] == 4
+    assert meta["store"]["hash"] == open_store(small_store).hash
+    assert sorted(p.name for p in (out / "b").iterdir())[:2] == ["indices-00000.npy", "indices-00001.npy"]
+    store = open_store(small_store)
+    for name in sae.model_names:
+        idx, val = codes.read(name)
+        assert idx.dtype == np.int32 and idx.shape == (store.n_rows, 4)
+        assert (np.diff(val, axis=1) <= 0).all()  # by decreasing value
+        assert ((idx == -1) == (val == 0)).all()
+        with torch.no_grad():
+            z = sae.encode(name, torch.from_numpy(store.rows(name, 0, store.n_rows))).numpy()
+        np.testing.assert_array_equal(codes.dense(name), z)
+        np.testing.assert_array_equal(codes.dense(name, 2400, 2600), z[2400:2600])
+    assert not (tmp_path / "codes.partial").exists()
+    # an existing directory is replaced only when asked, and only if it holds codes
+    assert main([*args, "--no-progress"]) == 2
+    assert main([*args, "--no-progress", "--overwrite", "--models", "a", "--value-dtype", "float16"]) == 0
+    assert open_codes(out).model_names == ["a"] and np.load(out / "a/values-00000.npy").dtype == np.float16
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other/thesis.tex").write_text("x")
+    with pytest.raises(UsaeError, match="is not a usae codes directory"):
+        from usae.config import EncodeConfig
+        from usae.data.codes import encode_store
+
+        encode_store(EncodeConfig(run=run, store=small_store, out=tmp_path / "other", overwrite=True, progress=False))
+    assert (tmp_path / "other/thesis.tex").exists()
+
+
+def test_batchtopk_codes_count_truncated_rows(small_store, tmp_path):
+    run, sae = _run(tmp_path, small_store, activation="batchtopk", k=2)
+    out = tmp_path / "codes"
+    assert (
+        main(
+            ["encode", str(run), str(small_store), "--out", str(out), "--k", "3", "--max-rows", "500", "--no-progress"]
+        )
+        == 0
+    )
+    codes = open_codes(out)
+    store = open_store(small_store)
+    with torch.no_grad():
+        z = sae.encode("c", torch.from_numpy(store.rows("c", 0, 500))).numpy()
+    n_over = int(((z > 0).sum(1) > 3).sum())
+    assert codes.metadata["n_truncated_rows"]["c"] == n_over > 0
+    top3 = -np.sort(-z, axis=1)[:, :3]
+    np.testing.assert_array_equal(codes.read("c")[1], top3)
+
+
+def test_store_with_other_models_is_refused(small_store, tmp_path, capsys):
+    from usae.data.store import write_store
+
+    run, _ = _run(tmp_path, small_store)
+    other = write_store(tmp_path / "s2", {"a": np.zeros((10, 5)), "b": np.zeros((10, 48)), "c": np.zeros((10, 40))})
+    assert main(["encode", str(run), str(other), "--out", str(tmp_path / "codes"), "--no-progress"]) == 2
+    assert "model 'a' has width 5, run" in capsys.readouterr().err
+    assert not (tmp_path / "codes").exists()

@@ -114,6 +114,7 @@ def extract(cfg: ExtractConfig) -> None:
 
 def demo(cfg: DemoConfig) -> dict:
     from usae.demo import run_demo, run_synthetic_demo
+    from usae.evaluation.splice import format_splice
 
     summary = run_synthetic_demo(cfg) if cfg.synthetic else run_demo(cfg)
     report = summary["report_data"]
@@ -122,6 +123,8 @@ def demo(cfg: DemoConfig) -> dict:
     print(format_summary(report))
     if summary.get("r2_in_sample"):
         print("\n" + format_r2_gap(report, summary["r2_in_sample"]))
+    if summary.get("splice_data"):
+        print("\n" + format_splice(summary["splice_data"]))
     if summary.get("labels_data"):
         print("\n" + format_named(summary["labels_data"], report))
     if "recovery" in summary:

@@ -23,6 +23,7 @@ from usae.data.synth import load_truth, recovery, truth_path, write_world
 from usae.device import resolve_device
 from usae.evaluation.evaluate import evaluate, evaluate_cli
 from usae.evaluation.labeling import label
+from usae.evaluation.splice import splice, write_splice
 from usae.explorer.site import explore
 from usae.extraction.extract import extract, val_store_path
 from usae.run import finished_run, load
@@ -65,9 +66,20 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         fit(train_cfg)
     timings["train_s"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
     held_out = val_dir.is_dir()
     stores = (val_dir, store_dir) if held_out else (store_dir,)
+    t0 = time.perf_counter()
+    on_gpu = resolve_device(cfg.device).type == "cuda"
+    # Splicing runs every model 1 + M + 4 times per image: a few images on a CPU, more on a GPU.
+    spliced = splice(run_dir, stores[0], max_images=64 if on_gpu else cfg.splice_images, device=cfg.device)
+    write_splice(spliced, run_dir)
+    timings["splice_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    labels = label(LabelConfig(run=run_dir, store=stores[0], out=run_dir, device=cfg.device))
+    timings["label_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
     reports = evaluate_cli(EvalConfig(run=run_dir, stores=stores, device=cfg.device))
     report = reports[0]
     if held_out:  # RUN/report.json is the held-out report: what the explorer and label read
@@ -75,13 +87,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     timings["evaluate_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    labels = label(LabelConfig(run=run_dir, store=stores[0], out=run_dir, device=cfg.device))
-    timings["label_s"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
     # Coordinated maximisation through three CNNs costs minutes per concept on a CPU: keep it
     # short there (about a minute for one concept), full length on a GPU.
-    on_gpu = resolve_device(cfg.device).type == "cuda"
     explorer = explore(
         run_dir, stores[0], out / "explorer", device=cfg.device, maximize_top=cfg.maximize,
         maximize_steps=256 if on_gpu else 48, maximize_crops=6 if on_gpu else 2,
@@ -98,6 +105,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         "r2_in_sample": reports[1]["r2_matrix"] if held_out else None,
         "report_data": report,
         "labels_data": labels,
+        "splice_data": spliced,
     }
     write_json_atomic(out / "summary.json", {k: v for k, v in summary.items() if not k.endswith("_data")})
     return summary

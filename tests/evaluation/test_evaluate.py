@@ -126,4 +126,3 @@ def test_report_marks_the_training_store_and_shows_the_held_out_gap(trained, sma
     assert f"**Held-out vs in-sample**: mean self R² {held['r2_self_mean']:.3g}" in text and f"gap {gap:.3g}" in text
     # a report of a UniversalSAE object does not know its training store
     assert evaluate(trained[0], small_store, progress=False)["store"]["trained_on"] is None
-

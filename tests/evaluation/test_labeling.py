@@ -14,8 +14,9 @@ import pytest
 from PIL import Image, ImageDraw
 
 import usae
-from usae.config import ExtractConfig, LabelConfig
+from usae.config import EvalConfig, ExtractConfig, LabelConfig
 from usae.errors import UsaeError
+from usae.evaluation.evaluate import evaluate_cli
 from usae.evaluation.labeling import NAMES_JSON, concept_names, format_labels, label
 from usae.extraction.extract import extract, val_store_path
 
@@ -80,6 +81,18 @@ def test_label_names_colour_concepts_on_held_out_images_and_the_control_names_no
     assert np.nanmin(flat) >= 0 and np.nanmax(flat) <= 1
     assert (tmp_path / NAMES_JSON).is_file() and concept_names(result)[k].startswith(entry["best"])
     assert "shuffled labels" in format_labels(result)
+    # report.md of the labelled store gets the concept-names section; another store's does not
+    reports = evaluate_cli(EvalConfig(run=run, stores=(val,), out=tmp_path / "rep", progress=False))
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "## Concept names" not in text  # labels.json is in tmp_path, not in RUN
+    label(
+        LabelConfig(run=run, store=val, out=run, n_top=6, n_top_tokens=30, n_perm=1000, min_support=3, progress=False)
+    )
+    evaluate_cli(EvalConfig(run=run, stores=(val, store), out=tmp_path / "rep2", progress=False))
+    text = (tmp_path / "rep2" / "report.md").read_text()
+    dataset_row = next(line for line in text.splitlines() if line.startswith("| dataset | image"))
+    assert dataset_row.endswith(f"| {dataset['summary']['agreed']} | 0 |") and "Artifact marks" in text
+    assert reports[0]["store"]["trained_on"] is False
 
 
 def test_label_refuses_a_store_without_the_runs_models(world, tmp_path):

@@ -316,3 +316,32 @@ def test_one_run_on_two_stores(two_stores, tmp_path):
     assert reports[1]["r2_self_mean"] < reports[0]["r2_self_mean"]  # the shift costs reconstruction
     for table in _tables(md):
         assert len({row.count("|") for row in table}) == 1
+
+
+def test_report_shows_the_task_fidelity_section_when_splice_results_exist(tmp_path):
+    reports = [_report_from_codes(_hand_built_codes(), store="/s/val")]
+    names = reports[0]["model_names"]
+    m = len(names)
+    splice = {
+        "models": names, "n_images": 4, "store": "/s/val", "available": {n: n != names[2] for n in names},
+        "unavailable_reasons": {names[2]: f"splice is not available for {names[2]}: no task"},
+        "task": {names[0]: "classifier", names[1]: "dense", names[2]: None},
+        "matrices": {
+            "agreement": [[0.75 if j == 0 else None for j in range(m)] for _ in range(m)],
+            "correlation": [[0.5 if j == 1 else None for j in range(m)] for _ in range(m)],
+            "loss_recovered": [[0.25 if j < 2 else None for j in range(m)] for _ in range(m)],
+        },
+        "controls": {
+            names[0]: {"mean_ablation": {"agreement": 0.0, "loss_recovered": 0.0},
+                       "resample_only": {"agreement": 1.0, "loss_recovered": 1.0}},
+            names[1]: {"mean_ablation": {"correlation": 0.1, "loss_recovered": 0.0}},
+        },
+    }  # fmt: skip
+    md = write_report(reports, tmp_path / "out", splice=splice).read_text()
+    assert "## Task fidelity" in md and "![Task fidelity](splice.png)" in md
+    assert (tmp_path / "out" / "splice.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"| {names[0]} | 0.750 / 0.250 | 0.500 / 0.250 | – |" in md
+    assert "| mean ablation | 0.000 / 0.000 | 0.100 / 0.000 | – |" in md
+    assert "| resample only | 1.000 / 1.000 | – | – |" in md
+    assert f"- splice is not available for {names[2]}: no task" in md
+    assert "## Task fidelity" not in write_report(reports, tmp_path / "plain").read_text()

@@ -335,7 +335,7 @@ def test_trained_run_end_to_end_with_independent_sae(world, tmp_path):
                 assert 0.0 <= agreement <= 1.0 and kl >= 0.0 and corr is None
     assert set(res["controls"]["a"]["independent_sae"]) == {"agreement", "kl", "ce_top1", "loss_recovered"}
     text = format_splice(res)
-    assert all(f"  {j} (" in text for j in "abcd") and "independent_sae" in text
+    assert all(f" {j} (" in text for j in "abcd") and "independent sae" in text and "mean ablation" in text
     path = write_splice(res, tmp_path / "out")
     assert json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON")) == res
     assert (tmp_path / "out" / "splice.png").stat().st_size > 1000

@@ -353,6 +353,8 @@ class DemoConfig:
     """Images held out (stratified by folder) to evaluate, name and explore on; the run trains on the rest."""
     alpha_crop: bool = True
     """Crop the stamps (cut-outs) to their visible pixels, so objects fill the view instead of grey borders."""
+    splice_images: int = 8
+    """Held-out images spliced back into every model (task fidelity; 64 on a GPU)."""
     maximize: int = 1
     """Render this many universal concepts by coordinated activation maximisation (short on CPU)."""
     synthetic: bool = False

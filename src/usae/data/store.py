@@ -313,3 +313,15 @@ class Store:
 def open_store(store_dir: str | Path, verify: bool = False) -> Store:
     """Open the finalised store at ``store_dir``; see :class:`Store`."""
     return Store(store_dir, verify=verify)
+
+
+def held_out_path(store: Store) -> Path | None:
+    """The held-out store extracted together with ``store`` (``usae extract --val-fraction``), if it exists.
+
+    Train, evaluate and compare on different images: ablations and baselines score there too.
+    """
+    split = store.extra.get("split") or {}
+    other = split.get("other")
+    if split.get("name") != "train" or not other or not (Path(other) / METADATA_NAME).is_file():
+        return None
+    return Path(other)

@@ -19,6 +19,9 @@ from usae.config import EvalConfig
 from usae.data.store import Store, open_store
 from usae.device import resolve_device
 from usae.errors import UsaeError
+from usae.evaluation.classes import classify, thresholds_of
+from usae.evaluation.labeling import LABELS_JSON, naming_summary
+from usae.evaluation.splice_measures import SPLICE_JSON
 from usae.model import metrics
 from usae.model.sae import UniversalSAE, dense
 from usae.run import ARTIFACT_FORMATS, load, read_run_config
@@ -256,8 +259,23 @@ def evaluate_cli(cfg: EvalConfig) -> list[dict[str, Any]]:
 
         baselines_path = cfg.run / "baselines.json"
         baselines = read_json(baselines_path, "baselines") if baselines_path.is_file() else None
-        write_report(reports, out_dir, baselines)
+        splice_path = cfg.run / SPLICE_JSON
+        splice = read_json(splice_path, "splice results") if splice_path.is_file() else None
+        write_report(reports, out_dir, baselines, splice=splice, naming=_naming(cfg.run, reports))
     return reports
+
+
+def _naming(run: Path, reports: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The summary of RUN/labels.json (``usae label``) for the report of the store it was measured on."""
+    path = Path(run) / LABELS_JSON
+    if not path.is_file():
+        return None
+    labels = read_json(path, "concept labels")
+    report = next((r for r in reports if r["store"]["hash"] == labels.get("store", {}).get("hash")), None)
+    if report is None:
+        log.info("%s was measured on another store than these; not in the report", path)
+        return None
+    return naming_summary(labels, report, classify(report, thresholds_of(report)))
 
 
 def _report_paths(cfg: EvalConfig) -> tuple[Path, list[Path]]:

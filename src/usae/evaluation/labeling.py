@@ -15,6 +15,7 @@ the share of its top tokens on flat regions and on the border flags position/bac
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -42,6 +43,23 @@ LABELS_JSON = "labels.json"
 NAMES_JSON = "names.json"
 # Pixel labels that describe where a token is or how flat it is: the artifact flags.
 FLAT, BORDER = "texture/flat", "position/border"
+
+
+ARTIFACT_SHARE = 0.5
+ARTIFACT_BORDER_LIFT = 2.0
+ARTIFACT_TOP = 50
+"""The artifact rule, the one definition the table, the concept pages and the index count use.
+
+labels.json records per model and concept the share of its top tokens that are flat regions
+(``flat_share``) and that lie on the grid's outer ring (``border_share``); NaN / null where the
+model does not use the concept (fires on fewer tokens than the labeller's top-N). A concept is
+marked **flat** when ``flat_share >= ARTIFACT_SHARE`` in every model with a share, and **border**
+when ``border_share >= max(ARTIFACT_SHARE, ARTIFACT_BORDER_LIFT x ring share)`` in every model
+with a share, the ring share being the fraction of all tokens on the border (what a random top-N
+gets: 24 of 49 tokens on a 7x7 grid, so a bare 0.5 would mark concepts by chance). A concept no
+model has a share for is never marked. The index counts the marked concepts among the
+``ARTIFACT_TOP`` universal concepts of most energy (the table's default order).
+"""
 
 
 class Codes(NamedTuple):
@@ -175,6 +193,8 @@ def label(cfg: LabelConfig) -> dict[str, Any]:
             "hash": store.hash,
             "n_rows": store.n_rows,
             "n_images": len(layout.image_ids),
+            "grid": list(layout.grid),
+            "split": (store.extra.get("split") or {}).get("name"),
         },
         "trained_on_this_store": _trained_on(cfg.run, store),
         "model_names": sae.model_names,
@@ -226,3 +246,67 @@ def format_labels(result: dict[str, Any], n_show: int = 8) -> str:
             )
             lines.append(f"  concept {k}: {e['best']} ({per})")
     return "\n".join(lines)
+
+
+# -- reading labels.json: the artifact rule and the report's summary ----------------------------------
+def border_share_by_chance(scored: dict[str, Any], grid: tuple[int, int]) -> float:
+    """Share of all tokens on the grid's outer ring: from the pixel labels' support if recorded, else ``grid``."""
+    for f in scored["families"].values():
+        n_items = f.get("n_items")
+        for entry in f["concepts"].values():
+            for s in entry.values():
+                if isinstance(s, dict) and s.get("label") == BORDER and isinstance(s.get("n"), int) and n_items:
+                    return s["n"] / n_items
+    h, w = grid
+    return (h * w - max(h - 2, 0) * max(w - 2, 0)) / (h * w)
+
+
+def artifact_share(artifacts: dict[str, Any], model: str, key: str, k: int) -> float | None:
+    shares = (artifacts.get(model) or {}).get(key)
+    v = shares[k] if shares is not None else None
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def artifact_marks(
+    artifacts: dict[str, Any], k: int, model_names: list[str], border_base: float
+) -> list[dict[str, Any]]:
+    """Concept k's artifact marks (``ARTIFACT_SHARE``'s rule): [{"kind": "flat" | "border", "bar", "shares"}]."""
+    bars = {"flat": ARTIFACT_SHARE, "border": max(ARTIFACT_SHARE, ARTIFACT_BORDER_LIFT * border_base)}
+    marks = []
+    for kind, bar in bars.items():
+        shares = {m: v for m in model_names if (v := artifact_share(artifacts, m, f"{kind}_share", k)) is not None}
+        if shares and all(v >= bar for v in shares.values()):
+            marks.append({"kind": kind, "bar": bar, "shares": shares})
+    return marks
+
+
+def naming_summary(labels: dict[str, Any], report: dict[str, Any], classes: list[str]) -> dict[str, Any]:
+    """What report.md shows of labels.json measured on ``report``'s store.
+
+    Per family and concept class: how many concepts of the class get the same name beyond chance in
+    every model that uses them, beside the shuffled-label control's total; and how many of the
+    ``ARTIFACT_TOP`` universal concepts of most energy share carry an artifact mark.
+    """
+    names = report["model_names"]
+    energy_ms = np.array([report["energy"][n] for n in names], dtype=np.float64)
+    share_s = (energy_ms / np.maximum(energy_ms.sum(1, keepdims=True), 1e-300)).sum(0)
+    families = {}
+    for fam, f in labels["families"].items():
+        agreed = {int(k) for k, e in f["concepts"].items() if e.get("agrees")}
+        per_class = {
+            c: {"n": classes.count(c), "named": sum(classes[k] == c for k in agreed)}
+            for c in ("universal", "partial", "specific")
+        }
+        families[fam] = {"level": f["level"], "n_items": f["n_items"], "n_labels": len(f["labels"]), "classes": per_class,
+                         "agreed": f["summary"]["agreed"], "shuffled_agreed": f["shuffled"]["agreed"]}  # fmt: skip
+    universal = [k for k in np.argsort(-share_s, kind="stable") if classes[k] == "universal"][:ARTIFACT_TOP]
+    base = border_share_by_chance(labels, tuple(labels["store"].get("grid") or (1, 1)))
+    marks = [artifact_marks(labels.get("artifacts", {}), int(k), names, base) for k in universal]
+    kinds = [m["kind"] for ms in marks for m in ms]
+    artifacts = {
+        "n": len(universal),
+        "marked": sum(bool(ms) for ms in marks),
+        "flat": kinds.count("flat"),
+        "border": kinds.count("border"),
+    }
+    return {"families": families, "artifacts": artifacts, "store": labels["store"]}

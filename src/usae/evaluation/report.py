@@ -38,6 +38,7 @@ from usae.evaluation.figures import (
     figure_r2,
     loglog_pearson,
 )
+from usae.evaluation.splice import figure_splice, splice_table
 
 log = logging.getLogger(__name__)
 
@@ -122,13 +123,17 @@ def write_report(
     out_dir: str | Path,
     baselines: dict[str, Any] | None = None,
     *,
+    splice: dict[str, Any] | None = None,
+    naming: dict[str, Any] | None = None,
     thresholds: ClassThresholds | None = None,
     n_top: int = 8,
 ) -> Path:
     """Write OUT_DIR/report.md and its PNG figures; return the report.md path.
 
     ``report``: one ``evaluate`` report, or several of the same run on different stores (shown
-    side by side, in the given order). ``baselines``: ``run_baselines``' result (RUN/baselines.json),
+    side by side, in the given order). ``splice``: ``splice``'s result (RUN/splice.json), rendered
+    as the task-fidelity section. ``naming``: ``labeling.naming_summary`` of RUN/labels.json (the
+    concept-names section). ``baselines``: ``run_baselines``' result (RUN/baselines.json),
     rendered as its own section. ``thresholds`` default to those the first report records, else
     ``ClassThresholds()``; classes are recomputed from the fire counts with them.
     """
@@ -152,6 +157,8 @@ def write_report(
         "dead_l0": figure_dead_l0(reports, labels),
         "classes": figure_classes([s["classes"] for s in stores], labels),
     }
+    if splice is not None:
+        figures["splice"] = figure_splice(splice)
     if baselines is not None:
         figures["matching"] = figure_matching(baselines)
         figures["dictionary_agreement"] = figure_dictionary_agreement(baselines)
@@ -168,6 +175,9 @@ def write_report(
             used_classes=USED_CLASSES,
             summary_rows=_SUMMARY_ROWS,
             b=baselines,
+            splice=splice,
+            naming=naming,
+            splice_table=splice_table(splice) if splice is not None else None,
             pairs=[(i, j) for i in range(len(names)) for j in range(i + 1, len(names))],
             sim_kinds=list((baselines or {}).get("similarity", {}).get("cka", {})),
             sim_titles={"raw": "raw", "usae_codes": "USAE codes", "independent_codes": "indep. codes"},

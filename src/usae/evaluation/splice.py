@@ -57,6 +57,7 @@ from usae.errors import UsaeError
 from usae.evaluation.splice_measures import (
     CONTROLS,
     MATRICES,
+    SPLICE_JSON,
     SpliceSums,
     finite_or_none,
     splice_cell,
@@ -71,7 +72,6 @@ from usae.run import MODEL_NAME, load
 log = logging.getLogger(__name__)
 
 SPLICE_VERSION = 1
-SPLICE_JSON = "splice.json"
 SPLICE_PNG = "splice.png"
 BASELINES_DIR = "baselines"  # experiments/baseline.py writes RUN/baselines/<model>/ (not importable from here)
 CHANGED_TOLERANCE = 1e-2
@@ -386,21 +386,35 @@ def write_splice(result: dict[str, Any], out_dir: str | Path) -> Path:
     return path
 
 
+def splice_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """(column titles, rows): one row per source model then per control, one column per destination
+    model; each cell "<headline measure> / <loss recovered>" ("–" where the destination cannot splice)."""
+    models, m = result["models"], result["matrices"]
+    titles = [f"{j} ({_headline(result, j)} / loss rec.)" for j in models]
+    rows = []
+    for r, i in enumerate(models):
+        rows.append([i] + [
+            f"{_fmt(m[_headline(result, j)][r][c])} / {_fmt(m['loss_recovered'][r][c])}" if result["available"][j] else "–"
+            for c, j in enumerate(models)
+        ])  # fmt: skip
+    for name in CONTROLS:
+        cells = []
+        for j in models:
+            ctl = result["controls"].get(j, {}).get(name)
+            cells.append(f"{_fmt(ctl.get(_headline(result, j)))} / {_fmt(ctl.get('loss_recovered'))}" if ctl else "–")
+        if any(c != "–" for c in cells):
+            rows.append([name.replace("_", " ")] + cells)
+    return titles, rows
+
+
 def format_splice(result: dict[str, Any]) -> str:
-    """A short text summary: per destination, its task measure from each source and the controls."""
-    lines = [f"splice: {result['n_images']} images"]
-    for c, j in enumerate(result["models"]):
-        if not result["available"][j]:
-            lines.append(f"  {j}: {result['unavailable_reasons'][j]}")
-            continue
-        k = _headline(result, j)
-        parts = [
-            f"{i} {_fmt(result['matrices'][k][r][c])}/{_fmt(result['matrices']['loss_recovered'][r][c])}"
-            for r, i in enumerate(result["models"])
-        ]
-        ctl = result["controls"].get(j, {})
-        parts += [f"{n} {_fmt(ctl[n].get(k))}/{_fmt(ctl[n].get('loss_recovered'))}" for n in CONTROLS if n in ctl]
-        lines.append(f"  {j} ({result['task'][j]}; {k}/loss recovered): " + ", ".join(parts))
+    """A text table: each destination's task measure / loss recovered from each source code and the controls."""
+    titles, rows = splice_table(result)
+    width = [max(len(r[c]) for r in [["source \\ spliced into", *titles], *rows]) for c in range(len(titles) + 1)]
+    lines = [f"task fidelity, reconstructions spliced back into each model ({result['n_images']} images):"]
+    for row in [["source \\ spliced into", *titles], *rows]:
+        lines.append("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, width, strict=True)))
+    lines += [f"  {j}: {why}" for j, why in result["unavailable_reasons"].items()]
     return "\n".join(lines)
 
 

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from usae.errors import UsaeError
 
+SPLICE_JSON = "splice.json"
 CONTROLS = ("mean_ablation", "zero_ablation", "resample_only", "independent_sae")
 MATRICES = ("agreement", "kl", "ce_top1", "loss_recovered", "correlation", "mse")
 CLASSIFIER_MEASURES = ("agreement", "kl", "ce_top1")

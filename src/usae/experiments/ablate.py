@@ -21,7 +21,7 @@ import jinja2
 
 from usae._io import read_json, write_json_atomic
 from usae.config import AblateConfig, TrainConfig
-from usae.data.store import open_store
+from usae.data.store import held_out_path, open_store
 from usae.errors import UsaeError
 from usae.evaluation.evaluate import evaluate
 from usae.run import finished_run
@@ -37,6 +37,8 @@ COLUMNS = [
     "k",
     "r2_cross_mean",
     "r2_self_mean",
+    "r2_cross_held_out",
+    "r2_self_held_out",
     "universal_pct",
     "dead_pct",
     "tokens_per_s",
@@ -90,7 +92,10 @@ def _finished(point: TrainConfig) -> dict[str, Any] | None:
         return None
 
 
-def _row(point: TrainConfig, report: dict[str, Any], tokens_per_s: float) -> dict[str, Any]:
+def _row(
+    point: TrainConfig, report: dict[str, Any], held: dict[str, Any] | None, tokens_per_s: float
+) -> dict[str, Any]:
+    """One table row: in-sample numbers, and R² on the store's held-out images when it has them."""
     counts = report["classes"]["counts"]
     return {
         "store": point.store.name,
@@ -100,6 +105,8 @@ def _row(point: TrainConfig, report: dict[str, Any], tokens_per_s: float) -> dic
         "k": point.k,
         "r2_cross_mean": report["r2_cross_mean"],
         "r2_self_mean": report["r2_self_mean"],
+        "r2_cross_held_out": held["r2_cross_mean"] if held else None,
+        "r2_self_held_out": held["r2_self_mean"] if held else None,
         "universal_pct": 100 * counts["universal"] / point.n_latents,
         "dead_pct": 100 * report["dead_fraction_all"],
         "tokens_per_s": tokens_per_s,
@@ -107,7 +114,8 @@ def _row(point: TrainConfig, report: dict[str, Any], tokens_per_s: float) -> dic
 
 
 def train_points(points: list[TrainConfig], max_eval_rows: int | None) -> list[dict[str, Any]]:
-    """Train the points (all sharing DATA_FIELDS) in one pass over their store, then evaluate each.
+    """Train the points (all sharing DATA_FIELDS) in one pass over their store, then evaluate each on
+    it and on its held-out store (``usae extract --val-fraction``) when there is one.
 
     ``tokens_per_s`` of each point is its share of the group: steps * batch / (wall time / points).
     """
@@ -115,9 +123,15 @@ def train_points(points: list[TrainConfig], max_eval_rows: int | None) -> list[d
     fit_many(points)
     seconds_each = (time.perf_counter() - t0) / len(points)
     rows = []
+    held_out = held_out_path(open_store(points[0].store))
     for point in points:
         report = evaluate(point.out, point.store, max_rows=max_eval_rows, progress=False)
-        row = _row(point, report, point.steps * point.batch_size / seconds_each)
+        held = None
+        if held_out is not None:
+            held = evaluate(
+                point.out, held_out, out=point.out / "report-held-out.json", max_rows=max_eval_rows, progress=False
+            )
+        row = _row(point, report, held, point.steps * point.batch_size / seconds_each)
         write_json_atomic(point.out / "ablation.json", row)
         rows.append(row)
     return rows

@@ -13,7 +13,7 @@ from typing import Any
 
 from usae._io import write_json_atomic
 from usae.config import BaselineConfig
-from usae.data.store import open_store
+from usae.data.store import held_out_path, open_store
 from usae.device import resolve_device
 from usae.errors import UsaeError
 from usae.evaluation.baselines import (
@@ -108,7 +108,9 @@ def run_baselines(
     Keys: ``matching`` (per model pair: independent SAEs matched by activation correlation +
     Hungarian, vs the USAE's same-index correlation), ``dictionary_agreement`` (per model, the
     paper's cosine > 0.5 comparison with a random baseline), ``similarity`` (CKA and mutual k-NN,
-    (m, m) per representation), ``recovery`` (only with ``truth``). See docs/report.md.
+    (m, m) per representation), ``recovery`` (only with ``truth``). The independent SAEs train on
+    ``store_dir``; matching and similarity are measured on its held-out store when it has one
+    (``usae extract --val-fraction``), else on it. See docs/report.md.
     """
     run_dir, store = Path(run_dir), open_store(store_dir)
     sae = load(run_dir, device=resolve_device(device))
@@ -119,13 +121,17 @@ def run_baselines(
     if read_run_config(run_dir).get("store", {}).get("hash") not in (None, store.hash):
         log.warning("%s is not the store %s was trained on; the independent SAEs train on it", store.path, run_dir)
     indep = train_independent(run_dir, store.path, retrain=retrain, device=device, progress=progress)
+    # Match and compare on images neither dictionary saw when the store has a held-out part.
+    held = held_out_path(store)
+    store = open_store(held) if held is not None else store
     stop = store.n_rows if max_rows is None else min(max_rows, store.n_rows)
     corr, same = stream_correlations(sae, indep, store, stop=stop, batch_size=batch_size, progress=progress)
     matchings = {p: match_latents(c) for p, c in corr.items()}
     result: dict[str, Any] = {
         "baselines_version": BASELINES_VERSION,
         "run": str(run_dir),
-        "store": {"path": str(store.path), "hash": store.hash},
+        "store": {"path": str(store.path), "hash": store.hash, "held_out": held is not None},
+        "trained_on": str(Path(store_dir)),
         "model_names": names,
         "n_rows": stop,
         "independent": {

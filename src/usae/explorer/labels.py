@@ -20,26 +20,13 @@ from usae._io import read_json
 from usae.config import ExploreConfig
 from usae.data.store import Store
 from usae.errors import UsaeError
-from usae.evaluation.labeling import BORDER, LABELS_JSON
+from usae.evaluation.labeling import (
+    ARTIFACT_TOP,
+    LABELS_JSON,
+)
 
 log = logging.getLogger(__name__)
 
-
-ARTIFACT_SHARE = 0.5
-ARTIFACT_BORDER_LIFT = 2.0
-ARTIFACT_TOP = 50
-"""The artifact rule, the one definition the table, the concept pages and the index count use.
-
-labels.json records per model and concept the share of its top tokens that are flat regions
-(``flat_share``) and that lie on the grid's outer ring (``border_share``); NaN / null where the
-model does not use the concept (fires on fewer tokens than the labeller's top-N). A concept is
-marked **flat** when ``flat_share >= ARTIFACT_SHARE`` in every model with a share, and **border**
-when ``border_share >= max(ARTIFACT_SHARE, ARTIFACT_BORDER_LIFT x ring share)`` in every model
-with a share, the ring share being the fraction of all tokens on the border (what a random top-N
-gets: 24 of 49 tokens on a 7x7 grid, so a bare 0.5 would mark concepts by chance). A concept no
-model has a share for is never marked. The index counts the marked concepts among the
-``ARTIFACT_TOP`` universal concepts of most energy (the table's default order).
-"""
 
 LABEL_SLUG_RESERVED = frozenset(
     {"index", "con", "prn", "aux", "nul"} | {f"{d}{i}" for d in ("com", "lpt") for i in range(10)}
@@ -174,37 +161,6 @@ def label_slugs(names: Iterable[str]) -> dict[str, str]:
         plain = b and n.isascii() and count[b] == 1 and b not in LABEL_SLUG_RESERVED
         slugs[n] = b if plain else f"{b or 'label'}-{hashlib.sha1(n.encode()).hexdigest()[:8]}"
     return slugs
-
-
-def border_share_by_chance(scored: dict[str, Any], grid: tuple[int, int]) -> float:
-    """Share of all tokens on the grid's outer ring: from the pixel labels' support if recorded, else ``grid``."""
-    for f in scored["families"].values():
-        n_items = f.get("n_items")
-        for entry in f["concepts"].values():
-            for s in entry.values():
-                if isinstance(s, dict) and s.get("label") == BORDER and isinstance(s.get("n"), int) and n_items:
-                    return s["n"] / n_items
-    h, w = grid
-    return (h * w - max(h - 2, 0) * max(w - 2, 0)) / (h * w)
-
-
-def _share(artifacts: dict[str, Any], model: str, key: str, k: int) -> float | None:
-    shares = (artifacts.get(model) or {}).get(key)
-    v = shares[k] if shares is not None else None
-    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) else None
-
-
-def artifact_marks(
-    artifacts: dict[str, Any], k: int, model_names: list[str], border_base: float
-) -> list[dict[str, Any]]:
-    """Concept k's artifact marks (``ARTIFACT_SHARE``'s rule): [{"kind": "flat" | "border", "bar", "shares"}]."""
-    bars = {"flat": ARTIFACT_SHARE, "border": max(ARTIFACT_SHARE, ARTIFACT_BORDER_LIFT * border_base)}
-    marks = []
-    for kind, bar in bars.items():
-        shares = {m: v for m in model_names if (v := _share(artifacts, m, f"{kind}_share", k)) is not None}
-        if shares and all(v >= bar for v in shares.values()):
-            marks.append({"kind": kind, "bar": bar, "shares": shares})
-    return marks
 
 
 def all_label_names(scored: dict[str, Any]) -> set[str]:

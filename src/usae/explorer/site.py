@@ -27,6 +27,7 @@ from usae.errors import UsaeError
 from usae.evaluation import classes as concept_classes
 from usae.evaluation import figures as report_figures
 from usae.evaluation.evaluate import evaluate
+from usae.evaluation.labeling import ARTIFACT_TOP, artifact_marks, border_share_by_chance
 from usae.evaluation.report import format_number, store_labels
 from usae.explorer.concepts import (
     OVERLAY_ALPHA,
@@ -41,12 +42,9 @@ from usae.explorer.concepts import (
     scan_top_images,
 )
 from usae.explorer.labels import (
-    ARTIFACT_TOP,
     ConceptLabels,
     all_label_names,
-    artifact_marks,
     artifact_summary,
-    border_share_by_chance,
     label_pages,
     label_parts,
     label_scores,

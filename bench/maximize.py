@@ -35,11 +35,10 @@ def top_universal(run: Path, n: int) -> list[int]:
     return [int(k) for k in np.argsort(-energy_s, kind="stable") if labels[k] == "universal"][:n]
 
 
-def spectrum_slope(magnitude: torch.Tensor) -> float:
-    """Slope of log(mean magnitude) vs log(radial frequency) over 2..S/2 cycles (1/f: -1)."""
-    size = magnitude.shape[-2]
+def spectrum_slope(mag_hw: torch.Tensor) -> float:
+    """Slope of log(magnitude) vs log(radial frequency) over 2..S/2 cycles (1/f: -1)."""
+    size = mag_hw.shape[-2]
     f_hw = torch.sqrt(torch.fft.fftfreq(size)[:, None] ** 2 + torch.fft.rfftfreq(size)[None, :] ** 2) * size
-    mag_hw = magnitude.mean(0)
     keep = (f_hw >= 2) & (f_hw <= size / 2)
     bins = torch.round(f_hw[keep]).long()
     radial = torch.zeros(int(bins.max()) + 1).index_add_(0, bins, mag_hw[keep].float())
@@ -71,11 +70,14 @@ def main() -> None:
     concepts = top_universal(args.run, args.concepts)
     size = args.size or int(store.extra.get("view_size") or 224)
     t0 = time.perf_counter()
-    magnitude, info = data_spectrum(store, size, args.run / "maximize", args.spectrum_images, progress=False)
+    data = data_spectrum(store, size, args.run / "maximize", args.spectrum_images, progress=False)
+    slopes = ", ".join(f"{spectrum_slope(m):.2f}" for m in data.magnitude)
     print(
-        f"data spectrum: {info['images']} images at {size} px ({'cached' if info['cached'] else 'estimated'}, "
-        f"{time.perf_counter() - t0:.1f} s); radial slope {spectrum_slope(magnitude):.2f} (1/f: -1.00)"
+        f"data spectrum: {data.images} images at {size} px ({'cached' if data.cached else 'estimated'}, "
+        f"{time.perf_counter() - t0:.1f} s); radial slope per colour channel {slopes} (1/f: -1.00)"
     )
+    basis = "; ".join("(" + ", ".join(f"{v:+.2f}" for v in row) + ")" for row in data.colour.T.tolist())
+    print(f"colour basis, RGB direction of each channel: {basis}")
     t0 = time.perf_counter()
     natural = natural_best(sae, store, concepts, progress=False)
     print(f"best natural images of {len(concepts)} concepts: one store pass, {time.perf_counter() - t0:.1f} s")

@@ -7,6 +7,7 @@ level) and that colour term (token level, from the pixels), in both models — a
 must name nothing.
 """
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -81,17 +82,18 @@ def test_label_names_colour_concepts_on_held_out_images_and_the_control_names_no
     assert np.nanmin(flat) >= 0 and np.nanmax(flat) <= 1
     assert (tmp_path / NAMES_JSON).is_file() and concept_names(result)[k].startswith(entry["best"])
     assert "shuffled labels" in format_labels(result)
-    # report.md of the labelled store gets the concept-names section; another store's does not
-    reports = evaluate_cli(EvalConfig(run=run, stores=(val,), out=tmp_path / "rep", progress=False))
-    text = (tmp_path / "rep" / "report.md").read_text()
-    assert "## Concept names" not in text  # labels.json is in tmp_path, not in RUN
-    label(
-        LabelConfig(run=run, store=val, out=run, n_top=6, n_top_tokens=30, n_perm=1000, min_support=3, progress=False)
-    )
+    # report.md of a labelled store gets the concept-names section: evaluate runs `usae label` there
+    reports = evaluate_cli(EvalConfig(run=run, stores=(val,), out=tmp_path / "rep", label=False, progress=False))
+    assert "## Concept names" not in (tmp_path / "rep" / "report.md").read_text()
+    assert not (run / "labels.json").exists()
     evaluate_cli(EvalConfig(run=run, stores=(val, store), out=tmp_path / "rep2", progress=False))
+    auto = json.loads((run / "labels.json").read_text())
+    assert auto["store"]["hash"] == result["store"]["hash"] and auto["store"]["split"] == "val"
     text = (tmp_path / "rep2" / "report.md").read_text()
     dataset_row = next(line for line in text.splitlines() if line.startswith("| dataset | image"))
-    assert dataset_row.endswith(f"| {dataset['summary']['agreed']} | 0 |") and "Artifact marks" in text
+    assert (
+        dataset_row.endswith(f"| {auto['families']['dataset']['summary']['agreed']} | 0 |") and "Artifact marks" in text
+    )
     assert reports[0]["store"]["trained_on"] is False
 
 

@@ -104,7 +104,7 @@ def page(browser):
         "console", lambda m: p.errors.append(f"console {m.type}: {m.text}") if m.type in ("error", "warning") else None
     )
     p.on("pageerror", lambda e: p.errors.append(f"page error: {e}"))
-    p.on("requestfailed", lambda r: p.errors.append(f"request failed: {r.url}"))
+    p.on("requestfailed", lambda r: p.errors.append(f"request failed: {r.url} ({r.failure})"))
     yield p
     p.close()
 
@@ -260,4 +260,6 @@ def test_label_pages_open_from_the_table(page, base, site, tmp_path):
     page.wait_for_load_state("load")
     assert page.url.endswith("labels/index.html")
     assert page.locator("table.labels-table td.label a").count() == 3  # colour/red, the script, the unicode name
-    assert page.errors == []
+    # a thumbnail still loading when the link is clicked is aborted by the navigation: not a page error
+    aborted = [e for e in page.errors if e.startswith("request failed:") and "/img/" in e and "ERR_ABORTED" in e]
+    assert [e for e in page.errors if e not in aborted] == []

@@ -224,7 +224,11 @@ class EvalConfig:
     """A concept used by every model is universal when, in every model, its co-fire proportion
     (rows where it fires in all models / rows where it fires in that model) is at least this."""
     report: bool = True
-    """Also write report.md and PNG figures (RUN/baselines.json, if present, is included)."""
+    """Also write report.md and PNG figures (RUN/baselines.json, splice.json and labels.json, if present,
+    are included)."""
+    label: bool = True
+    """When the first store records per-image labels (`usae extract --labels`) and RUN/labels.json is not
+    for it, name the concepts there first (`usae label` with its defaults) so the report shows them."""
     device: str = "auto"
     """'auto', 'cpu', 'cuda', ..."""
     progress: bool = True
@@ -427,6 +431,14 @@ class MaximizeConfig:
     """Random crops (jitter, zoom, noise) scored per step."""
     lr: float = 1.0
     """NAdam learning rate on the Fourier phase (MACO's)."""
+    spectrum: Literal["data", "1/f"] | None = None
+    """MACO's fixed magnitude spectrum: 'data' (estimated from the store's images, cached in RUN/maximize)
+    or '1/f'; default 'data' when the store records its images."""
+    spectrum_images: int = 256
+    """At most this many store images (evenly spread) for the data spectrum."""
+    compare: bool = True
+    """Compare with the best natural image per model (one pass over the store) and measure transfer
+    between models (the image made for model i scored in every model j)."""
     seed: int = 0
     """Seed of the starting phase and the augmentations (deterministic on CPU)."""
     device: str = "auto"
@@ -438,5 +450,6 @@ class MaximizeConfig:
         if not self.concept:
             raise UsaeError("maximize: give at least one --concept")
         checks = {"steps": self.steps >= 1, "n_crops": self.n_crops >= 1, "lr": self.lr > 0}
+        checks["spectrum_images"] = self.spectrum_images >= 1
         checks["size"] = self.size is None or self.size >= 8
         refuse_invalid("maximize", self, checks)

@@ -175,7 +175,7 @@ class LabelConfig:
     """Dataset labels name a concept by its top-N images (each image scored by its largest code)."""
     n_top_tokens: int = 50
     """Pixel labels name a concept by its top-N tokens; also the artifact flags' top-N."""
-    n_perm: int = 2000
+    n_perm: int = 20000
     """Label permutations behind each p-value (the chance level)."""
     min_support: int = 5
     """Labels carried by fewer items (or by all but fewer) are not scored."""

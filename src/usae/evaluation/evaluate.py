@@ -15,12 +15,12 @@ import torch
 from tqdm.auto import tqdm
 
 from usae._io import read_json, write_json_atomic
-from usae.config import EvalConfig
+from usae.config import EvalConfig, LabelConfig
 from usae.data.store import Store, open_store
 from usae.device import resolve_device
 from usae.errors import UsaeError
 from usae.evaluation.classes import classify, thresholds_of
-from usae.evaluation.labeling import LABELS_JSON, naming_summary
+from usae.evaluation.labeling import LABELS_JSON, label, naming_summary
 from usae.evaluation.splice_measures import SPLICE_JSON
 from usae.model import metrics
 from usae.model.sae import UniversalSAE, dense
@@ -233,6 +233,8 @@ def run_store_hash(run: str | Path) -> str | None:
 def evaluate_cli(cfg: EvalConfig) -> list[dict[str, Any]]:
     """``usae evaluate RUN STORE [STORE ...]``: one report.json per store, then report.md + figures."""
     sae = load(cfg.run, device=resolve_device(cfg.device))
+    if cfg.report and cfg.label:
+        _label_if_labelled(cfg)
     out_dir, json_paths = _report_paths(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     reports = []
@@ -263,6 +265,18 @@ def evaluate_cli(cfg: EvalConfig) -> list[dict[str, Any]]:
         splice = read_json(splice_path, "splice results") if splice_path.is_file() else None
         write_report(reports, out_dir, baselines, splice=splice, naming=_naming(cfg.run, reports))
     return reports
+
+
+def _label_if_labelled(cfg: EvalConfig) -> None:
+    """Run ``usae label`` on the first store when it records labels and RUN/labels.json is not for it."""
+    store = open_store(cfg.stores[0])
+    if "labels" not in store.extra:
+        return
+    path = Path(cfg.run) / LABELS_JSON
+    if path.is_file() and (read_json(path, "concept labels").get("store") or {}).get("hash") == store.hash:
+        return
+    log.info("naming the concepts on %s (it records labels)", store.path)
+    label(LabelConfig(run=cfg.run, store=store.path, device=cfg.device, progress=cfg.progress))
 
 
 def _naming(run: Path, reports: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -10,12 +10,15 @@ The image is MACO's parametrisation (Fel et al. 2023, "Unlocking feature visuali
 networks with magnitude constrained optimization"): only the Fourier *phase* is optimised, the
 magnitude spectrum is fixed, so the image keeps natural-image statistics instead of drifting to
 high-frequency noise. MACO takes the magnitude from ImageNet; we estimate it from the store's own
-images (``usae.explorer.spectrum``: mean magnitude spectrum of their canonical views, cached as
-``RUN/maximize/spectrum-<size>.safetensors``), or use the 1/f power law natural images roughly
-follow (Field 1987) when the store records no images or ``spectrum="1/f"``. As in MACO the phase is
-standardised, and the spatial image standardised and squashed by a sigmoid into [0, 1]. (Recorrelating colours with the ImageNet colour
-matrix, as lucid does for decorrelated pixel parametrisations, cut the reachable activation by 2-4x on
-the test models: it shrinks the image's contrast.) Each step scores a batch of random crops (random position and scale, resized back: jitter and zoom) with
+images (``usae.explorer.spectrum``: mean magnitude spectrum of their canonical views in the
+principal axes of their colours, cached as ``RUN/maximize/spectrum-<size>.safetensors``). The three
+decorrelated channels (roughly luminance and two opponent colours) each get their phase and are
+mixed back to RGB with that colour basis, so colours co-vary as in the data. Without images (or with
+``spectrum="1/f"``) the magnitude is the 1/f power law natural images roughly follow (Field 1987),
+in R, G, B. (Recorrelating 1/f channels with lucid's ImageNet colour matrix cut the reachable
+activation 2-4x on the test models: it shrinks the image's contrast.) As in MACO the phase is
+standardised, and the spatial image standardised and squashed by a sigmoid into [0, 1]. Each step
+scores a batch of random crops (random position and scale, resized back: jitter and zoom) with
 Gaussian noise, as MACO does. Every model starts from the same random phase (same seed), so the
 panels differ only by what each model needs to see. Deterministic on CPU for a given seed.
 
@@ -33,7 +36,6 @@ concept's page.
 from __future__ import annotations
 
 import logging
-import math
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -46,10 +48,12 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor, nn
 
 from usae._io import read_json, write_json_atomic
+from usae.config import MaximizeConfig
 from usae.data.store import Store, open_store
 from usae.errors import UsaeError
-from usae.explorer.spectrum import MAX_IMAGES, data_spectrum, power_law_spectrum
-from usae.model.sae import UniversalSAE, dense
+from usae.explorer.maco import FourierImage, LatentObjective, random_crops, to_image
+from usae.explorer.spectrum import MAX_IMAGES, data_spectrum
+from usae.model.sae import UniversalSAE
 from usae.run import load, read_run_config
 
 log = logging.getLogger(__name__)
@@ -63,65 +67,6 @@ SPECTRA = ("data", "1/f")
 def concept_dir(root: str | Path, concept: int) -> Path:
     """Where the maximisation of ``concept`` is written under ``root``."""
     return Path(root) / f"concept-{int(concept)}"
-
-
-class FourierImage(nn.Module):
-    """An image whose Fourier phase is the parameter and whose magnitude spectrum is fixed (MACO)."""
-
-    def __init__(
-        self, size: int, generator: torch.Generator, decay: float = 1.0, magnitude: Tensor | None = None
-    ) -> None:
-        """``magnitude``: the fixed (3, size, size // 2 + 1) spectrum (e.g. ``spectrum.data_spectrum``);
-        default the 1/f^decay power law."""
-        super().__init__()
-        self.size = int(size)
-        shape = (3, self.size, self.size // 2 + 1)
-        if magnitude is None:
-            magnitude = power_law_spectrum(self.size, decay)
-        elif tuple(magnitude.shape) != shape:
-            raise UsaeError(f"magnitude spectrum of shape {tuple(magnitude.shape)}; a {size}-px image needs {shape}")
-        self.register_buffer("magnitude", magnitude.detach().float().clone())
-        phase = (torch.rand(self.magnitude.shape, generator=generator) * 2 - 1) * math.pi
-        self.phase = nn.Parameter(phase)
-
-    def forward(self) -> Tensor:
-        """(1, 3, size, size) pixels in [0, 1]."""
-        phase = (self.phase - self.phase.mean()) / (self.phase.std() + 1e-5)
-        img_chw = torch.fft.irfft2(torch.polar(self.magnitude, phase), s=(self.size, self.size))
-        img_chw = (img_chw - img_chw.mean()) / (img_chw.std() + 1e-5)
-        return torch.sigmoid(img_chw)[None]
-
-
-class LatentObjective(nn.Module):
-    """pixels (b, 3, S, S) in [0, 1] -> (b,) latent ``latent``'s pre-activation in model ``name``,
-    averaged over the store grid's tokens."""
-
-    def __init__(self, sae: UniversalSAE, backbone: nn.Module, name: str, grid: tuple[int, int], latent: int) -> None:
-        super().__init__()
-        self.sae, self.backbone, self.name, self.grid, self.latent = sae, backbone, name, tuple(grid), int(latent)
-
-    def pre_activations(self, pixels_b3ss: Tensor) -> Tensor:
-        """(b, t, s): every latent's pre-activation on every token of the store grid."""
-        x_btd = self.backbone.tokens(pixels_b3ss, self.grid)
-        b, t, d = x_btd.shape
-        z_pre_rs = self.sae.pre_activation(self.name, self.sae.normalize(self.name, x_btd.reshape(b * t, d)))
-        return z_pre_rs.view(b, t, -1)
-
-    def token_values(self, pixels_b3ss: Tensor) -> Tensor:
-        """(b, t): the latent's pre-activation on every token of the store grid."""
-        return self.pre_activations(pixels_b3ss)[..., self.latent]
-
-    @torch.no_grad()
-    def token_codes(self, pixels_b3ss: Tensor) -> tuple[Tensor, Tensor]:
-        """((b, t) pre-activations, (b, t) codes): the latent's value before and after the run's
-        sparsification (TopK), on every token; the code is what the explorer's scores are made of."""
-        z_bts = self.pre_activations(pixels_b3ss)
-        b, t, s = z_bts.shape
-        code_rs = dense(self.sae.activate(self.name, z_bts.reshape(b * t, s)), s)
-        return z_bts[..., self.latent], code_rs[:, self.latent].view(b, t)
-
-    def forward(self, pixels_b3ss: Tensor) -> Tensor:
-        return self.token_values(pixels_b3ss).mean(1)
 
 
 class NaturalBest(NamedTuple):
@@ -176,18 +121,6 @@ class MaximizeResult(NamedTuple):
                 for j, v in row.items()}
             for i, row in self.transfer.items()
         }  # fmt: skip
-
-
-def random_crops(img_13ss: Tensor, n: int, scale: tuple[float, float], generator: torch.Generator) -> Tensor:
-    """``n`` random square crops of the image (side a uniform fraction ``scale`` of it), resized back."""
-    from torchvision.ops import roi_align
-
-    size = img_13ss.shape[-1]
-    side_n = size * (scale[0] + (scale[1] - scale[0]) * torch.rand(n, generator=generator))
-    x0_n = (size - side_n) * torch.rand(n, generator=generator)
-    y0_n = (size - side_n) * torch.rand(n, generator=generator)
-    boxes = torch.stack([torch.zeros(n), x0_n, y0_n, x0_n + side_n, y0_n + side_n], 1).to(img_13ss)
-    return roi_align(img_13ss, boxes, output_size=size, sampling_ratio=2, aligned=True)
 
 
 def run_store(run: str | Path, store: str | Path | Store | None) -> Store:
@@ -312,13 +245,14 @@ def maximize(
     size = int(size or store.extra.get("view_size") or max(b.input_size for b in backbones.values()))
     settings = {"steps": steps, "size": size, "n_crops": n_crops, "crop_scale": list(crop_scale), "noise": noise}
     settings |= {"lr": lr, "seed": seed, "objective": "mean pre-activation over tokens"}
-    magnitude = None
+    magnitude = colour = None
     spectrum = spectrum or ("data" if has_images(store) else "1/f")
     if spectrum == "data":
         if not has_images(store):
             raise UsaeError(f"{store.path / 'metadata.json'}: no image source (extra.images); use spectrum '1/f'")
-        magnitude, info = data_spectrum(store, size, Path(run) / "maximize", spectrum_images, progress=progress)
-        settings |= {"spectrum_images": info["images"]}
+        data = data_spectrum(store, size, Path(run) / "maximize", spectrum_images, progress=progress)
+        magnitude, colour = data.magnitude, data.colour
+        settings |= {"spectrum_images": data.images, "colour_basis": data.colour.T.tolist()}
     settings["magnitude"] = spectrum
     if compare and natural is None and _can_compare(sae, store):
         natural = natural_best(sae, store, [int(concept)], progress=progress)[int(concept)]
@@ -327,7 +261,7 @@ def maximize(
     for name in names:
         objective = LatentObjective(sae, backbones[name], name, store.grid, int(concept))
         final_13ss, start_t, final_t = _optimize(
-            objective, size, steps, n_crops, crop_scale, noise, lr, seed, magnitude, progress
+            objective, size, steps, n_crops, crop_scale, noise, lr, seed, magnitude, colour, progress
         )
         images[name], finals[name] = to_image(final_13ss), final_13ss
         act[name], start_act[name] = float(final_t.clamp_min(0).mean()), float(start_t.clamp_min(0).mean())
@@ -355,11 +289,6 @@ def maximize(
     return result
 
 
-def to_image(pixels_13ss: Tensor) -> Image.Image:
-    """(1, 3, S, S) pixels in [0, 1] -> RGB PIL image (8 bit)."""
-    return Image.fromarray((pixels_13ss[0].permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy())
-
-
 def _optimize(
     objective: LatentObjective,
     size: int,
@@ -370,6 +299,7 @@ def _optimize(
     lr: float,
     seed: int,
     magnitude: Tensor | None,
+    colour: Tensor | None,
     progress: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The optimised (1, 3, S, S) pixels and the latent's (t,) token pre-activations on the start
@@ -378,7 +308,7 @@ def _optimize(
 
     gen = torch.Generator().manual_seed(seed)
     device = next(objective.sae.parameters()).device
-    param = FourierImage(size, gen, magnitude=magnitude).to(device)
+    param = FourierImage(size, gen, magnitude=magnitude, colour=colour).to(device)
     opt = torch.optim.NAdam(param.parameters(), lr=lr)
     with torch.no_grad():
         start_t = objective.token_values(param())[0].cpu()
@@ -478,7 +408,7 @@ def read_maximization(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def maximize_cli(cfg: Any) -> list[Path]:
+def maximize_cli(cfg: MaximizeConfig) -> list[Path]:
     """``usae maximize RUN --concept K [K ...]``: write each concept's images under --out (default RUN/maximize).
 
     The best natural images of all the concepts are found in one pass over the store.
@@ -486,7 +416,7 @@ def maximize_cli(cfg: Any) -> list[Path]:
     from usae.device import resolve_device
 
     out_root = cfg.out or Path(cfg.run) / "maximize"
-    compare = bool(getattr(cfg, "compare", True))
+    compare = cfg.compare
     natural: dict[int, dict[str, NaturalBest]] = {}
     if compare:
         sae = load(cfg.run, device=resolve_device(cfg.device))
@@ -498,8 +428,8 @@ def maximize_cli(cfg: Any) -> list[Path]:
     for k in cfg.concept:
         result = maximize(
             cfg.run, k, cfg.models, store=cfg.store, steps=cfg.steps, size=cfg.size, n_crops=cfg.n_crops,
-            lr=cfg.lr, seed=cfg.seed, spectrum=getattr(cfg, "spectrum", None),
-            spectrum_images=getattr(cfg, "spectrum_images", MAX_IMAGES), compare=compare,
+            lr=cfg.lr, seed=cfg.seed, spectrum=cfg.spectrum,
+            spectrum_images=cfg.spectrum_images, compare=compare,
             natural=natural.get(int(k), {}) if compare else None, device=cfg.device, progress=cfg.progress,
         )  # fmt: skip
         written.append(write_maximization(result, out_root))

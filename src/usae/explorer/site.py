@@ -161,7 +161,13 @@ def _maximizations(max_dir: Path, site_dir: Path, names: list[str]) -> dict[int,
                 shutil.copy2(src / r["png"], dst / r["png"])
                 models.append({"name": name, "src": f"../max/{k}/{r['png']}", **r})
         if models:
-            found[k] = {"models": models, "steps": result.get("steps"), "seed": result.get("seed")}
+            found[k] = {
+                "models": models,
+                "steps": result.get("steps"),
+                "seed": result.get("seed"),
+                "magnitude": result.get("magnitude") or "1/f",
+                "transfer": result.get("transfer"),
+            }
     return found
 
 
@@ -187,7 +193,7 @@ def build_site(cfg: ExploreConfig, site: Path) -> None:
     labels = read_concept_labels(labels_path(cfg), sae.n_latents, sae.model_names, explicit=cfg.labels is not None)
     report = _run_report(cfg, sae, store)
     if cfg.maximize_top:
-        _maximize_top(cfg, report)
+        _maximize_top(cfg, report, labels)
     env, names = _environment(), sae.model_names
     for sub in ("concepts", "images", "img", "assets"):
         (site / sub).mkdir()
@@ -325,11 +331,22 @@ def _concept_pages(top, concepts, heat_et, ent, layout, maxi, env, common, site,
         (site / "concepts" / f"{k}.html").write_text(page)
 
 
-def _maximize_top(cfg: ExploreConfig, report: dict[str, Any]) -> None:
-    """Run coordinated maximisation for the ``maximize_top`` universal concepts of most energy."""
+def _maximize_top(cfg: ExploreConfig, report: dict[str, Any], labels: ConceptLabels) -> None:
+    """Run coordinated maximisation for the ``maximize_top`` universal concepts of most energy share;
+    named ones (the same name in every model, no artifact mark) first when labels.json is there."""
     classes = concept_classes.classify(report, concept_classes.thresholds_of(report))
     energy_s = concept_classes.energy_share(report).sum(0)
     ranked = [int(k) for k in np.argsort(-energy_s, kind="stable") if classes[k] == "universal"]
+    if labels.scored is not None:
+        scored, names = labels.scored, report["model_names"]
+        base = border_share_by_chance(scored, tuple(scored["store"].get("grid") or (1, 1)))
+        named = {
+            int(k)
+            for f in scored["families"].values()
+            for k, e in f["concepts"].items()
+            if e.get("agrees") and not artifact_marks(scored.get("artifacts", {}), int(k), names, base)
+        }
+        ranked = sorted(ranked, key=lambda k: k not in named)  # stable: energy order within each group
     for k in ranked[: cfg.maximize_top]:
         result = maximize(
             cfg.run,

@@ -1,4 +1,4 @@
-"""The magnitude spectrum MACO keeps fixed, estimated from a store's own images.
+"""The magnitude spectrum and colour basis MACO keeps fixed, estimated from a store's own images.
 
 MACO (Fel et al. 2023) optimises only the Fourier phase of an image; the magnitude is the mean
 magnitude spectrum of natural images. Offline we estimate it from the images the store was
@@ -7,20 +7,26 @@ extracted from, in the space :class:`usae.explorer.maximize.FourierImage` genera
 1. the canonical view of the image at the optimised size (the pixels every backbone saw),
    scaled to [0, 1];
 2. standardised over all its pixels and channels together, as ``FourierImage`` standardises its
-   spatial image before the sigmoid (there is no colour decorrelation: the channels stay R, G, B;
-   the sigmoid is not inverted: it is close to linear within the ±2σ most pixels fall in, and its
-   inverse would blow up saturated pixels);
-3. its periodic component (Moisan 2011, "Periodic plus smooth image decomposition"): the FFT
+   spatial image before the sigmoid (the sigmoid is not inverted: it is close to linear within the
+   ±2σ most pixels fall in, and its inverse would blow up saturated pixels);
+3. decorrelated in colour: projected on the principal axes of the images' pixel colours (the
+   eigenvectors of their 3 x 3 colour covariance, largest first: roughly luminance, then two
+   opponent colours). ``FourierImage`` generates these three channels, each with its own phase,
+   and mixes them back to RGB with the same basis, so the image's colours co-vary as in the data
+   instead of every RGB channel wandering on its own (which paints rainbow noise);
+4. its periodic component (Moisan 2011, "Periodic plus smooth image decomposition"): the FFT
    treats the image as a torus, so the jump between opposite borders would add a spurious cross of
    energy along both frequency axes (a horizontal ramp: 30x less energy off DC on that axis with
    it). A constant image is left unchanged; a whole-period sinusoid keeps its peak (at 32 px, 3
    cycles: 94 % of it, the rest spread thinly over the axes);
-4. ``|rfft2|`` per channel (orthonormal), averaged over the images.
+5. ``|rfft2|`` per decorrelated channel (orthonormal), averaged over the images.
 
-The result is a ``(3, S, S // 2 + 1)`` float32 tensor, ``FourierImage``'s layout. At most
-``max_images`` images are read, evenly spread over the store. It is cached with the run as
-``RUN/maximize/spectrum-<S>.safetensors`` (checksummed safetensors; metadata: the store's hash,
-the size, the image budget and the method) and recomputed when any of them differs.
+The result is a ``(3, S, S // 2 + 1)`` float32 magnitude (``FourierImage``'s layout) and the
+``(3, 3)`` colour basis (column d: the RGB direction of channel d). At most ``max_images`` images
+are read, evenly spread over the store, and held as uint8 views (256 at 224 px: 38 MB). Both are
+cached with the run as ``RUN/maximize/spectrum-<S>.safetensors`` (checksummed safetensors;
+metadata: the store's hash, the size, the image budget and the method) and recomputed when any of
+them differs.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -41,8 +47,9 @@ from usae.extraction.images import image_layout, load_source_image, source_of
 log = logging.getLogger(__name__)
 
 MAX_IMAGES = 256
-METHOD = "v1: canonical view, joint standardisation, periodic component, mean |rfft2| ortho"
+METHOD = "v2: canonical view, joint standardisation, colour PCA, periodic component, mean |rfft2| ortho"
 SPECTRUM_KEY = "magnitude"
+COLOUR_KEY = "colour"
 
 
 def spectrum_path(cache_dir: str | Path, size: int) -> Path:
@@ -87,9 +94,29 @@ def periodic_rfft2(x_bchw: Tensor) -> Tensor:
     return torch.fft.rfft2(x_bchw, norm="ortho") - s_hat
 
 
-def image_spectrum(views_bssc: Tensor | np.ndarray) -> Tensor:
-    """(3, S, S // 2 + 1) float32: mean magnitude spectrum of a batch of (b, S, S, 3) uint8 views."""
-    return periodic_rfft2(standardize_views(views_bssc)).abs().mean(0).float()
+def colour_basis(x_b3hw: Tensor) -> Tensor:
+    """(3, 3) principal axes of the pixel colours of standardised images (columns, largest variance
+    first; each column's largest entry positive): the basis ``FourierImage`` mixes its channels with."""
+    x = x_b3hw.double()
+    centred = x - x.mean((0, 2, 3), keepdim=True)
+    return principal_axes(torch.einsum("bchw,bdhw->cd", centred, centred) / (centred.numel() // 3))
+
+
+def principal_axes(cov_cc: Tensor) -> Tensor:
+    """(c, c) eigenvectors of a covariance as columns, largest eigenvalue first, each column's
+    largest entry positive (so the basis does not depend on the eigensolver's signs)."""
+    values, vectors = torch.linalg.eigh(cov_cc.double())
+    vectors = vectors[:, values.argsort(descending=True)]
+    return (vectors * torch.sign(vectors.gather(0, vectors.abs().argmax(0, keepdim=True)))).float()
+
+
+def image_spectrum(views_bssc: Tensor | np.ndarray, colour: Tensor | None = None) -> Tensor:
+    """(3, S, S // 2 + 1) float32: mean magnitude spectrum of (b, S, S, 3) uint8 views, per channel
+    of the colour basis ``colour`` (3, 3; columns are the channels' RGB directions; default RGB)."""
+    x = standardize_views(views_bssc)
+    if colour is not None:
+        x = torch.einsum("cd,bchw->bdhw", colour.double(), x)
+    return periodic_rfft2(x).abs().mean(0).float()
 
 
 def spectrum_images(store: Any, max_images: int = MAX_IMAGES) -> list[str]:
@@ -103,8 +130,9 @@ def spectrum_images(store: Any, max_images: int = MAX_IMAGES) -> list[str]:
 
 def estimate_spectrum(
     store: Any, size: int, max_images: int = MAX_IMAGES, *, batch: int = 32, progress: bool = True
-) -> tuple[Tensor, int]:
-    """(mean magnitude spectrum (3, S, S // 2 + 1), number of images read) of the store's images.
+) -> tuple[Tensor, Tensor, int]:
+    """(mean magnitude spectrum (3, S, S // 2 + 1), colour basis (3, 3), number of images read) of
+    the store's images, the spectrum taken per channel of the colour basis.
 
     Unreadable images are skipped with a warning; none readable is a one-line UsaeError.
     """
@@ -112,34 +140,51 @@ def estimate_spectrum(
 
     source = source_of(store)
     ids = spectrum_images(store, max_images)
-    total = torch.zeros(3, size, size // 2 + 1, dtype=torch.float64)
-    n, skipped, views = 0, 0, []
-
-    def flush() -> None:
-        nonlocal total, n
-        if views:
-            total += periodic_rfft2(standardize_views(np.stack(views))).abs().sum(0)
-            n += len(views)
-            views.clear()
-
+    views, skipped = [], 0
     for image_id in tqdm(ids, desc=f"maximize: spectrum at {size} px", unit="img", disable=not progress):
         try:
             views.append(load_source_image(source, image_id, size)[0])
         except UsaeError as e:
             skipped += 1
             log.warning("spectrum: skipping %s", e)
-        if len(views) >= batch:
-            flush()
-    flush()
-    if n == 0:
+    if not views:
         raise UsaeError(f"{store.path}: none of the {len(ids)} source images could be read for the spectrum")
     if skipped:
         log.warning("spectrum: %d of %d images could not be read", skipped, len(ids))
-    return (total / n).float(), n
+    # the colour covariance of all the images first (a sum over batches), then the spectra in that basis
+    total, moments = torch.zeros(3, 3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    n_pixels = 0
+    for lo in range(0, len(views), batch):
+        x = standardize_views(np.stack(views[lo : lo + batch]))
+        total += torch.einsum("bchw,bdhw->cd", x, x)
+        moments += x.sum((0, 2, 3))
+        n_pixels += x.numel() // 3
+    mean = moments / n_pixels
+    colour = principal_axes(total / n_pixels - torch.outer(mean, mean))
+    magnitude = torch.zeros(3, size, size // 2 + 1, dtype=torch.float64)
+    for lo in range(0, len(views), batch):
+        chunk = views[lo : lo + batch]
+        magnitude += image_spectrum(np.stack(chunk), colour).double() * len(chunk)
+    return (magnitude / len(views)).float(), colour, len(views)
 
 
 def _cache_key(store: Any, size: int, max_images: int) -> dict[str, str]:
     return {"store_hash": str(store.hash), "size": str(int(size)), "max_images": str(int(max_images)), "method": METHOD}
+
+
+class DataSpectrum(NamedTuple):
+    """What :func:`data_spectrum` returns."""
+
+    magnitude: Tensor
+    """(3, S, S // 2 + 1) mean magnitude spectrum per channel of ``colour``."""
+    colour: Tensor
+    """(3, 3) colour basis: column d is the RGB direction of channel d."""
+    images: int
+    """How many images it was estimated from."""
+    file: str | None
+    """The cache file (None: not cached)."""
+    cached: bool
+    """Whether it was read from the cache."""
 
 
 def data_spectrum(
@@ -149,13 +194,13 @@ def data_spectrum(
     max_images: int = MAX_IMAGES,
     *,
     progress: bool = True,
-) -> tuple[Tensor, dict[str, Any]]:
-    """The store's mean magnitude spectrum at ``size`` px, read from ``cache_dir`` when cached there.
+) -> DataSpectrum:
+    """The store's mean magnitude spectrum and colour basis at ``size`` px, read from ``cache_dir``
+    when cached there.
 
-    Returns (spectrum (3, S, S // 2 + 1), info: images read, the cache file and whether it was
-    read). The cache is ``cache_dir/spectrum-<size>.safetensors``; one made for another store
-    (hash), size, image budget or method is recomputed and replaced. A cache that cannot be written
-    is a warning, not an error.
+    The cache is ``cache_dir/spectrum-<size>.safetensors``; one made for another store (hash), size,
+    image budget or method is recomputed and replaced. A cache that cannot be written is a warning,
+    not an error.
     """
     key = _cache_key(store, size, max_images)
     path = spectrum_path(cache_dir, size) if cache_dir is not None else None
@@ -163,20 +208,21 @@ def data_spectrum(
         try:
             meta = safetensors_metadata(path)
             if all(meta.get(k) == v for k, v in key.items()):
-                magnitude = load_tensors(path)[SPECTRUM_KEY]
-                if magnitude.shape == (3, size, size // 2 + 1):
+                tensors = load_tensors(path)
+                magnitude, colour = tensors[SPECTRUM_KEY], tensors[COLOUR_KEY]
+                if magnitude.shape == (3, size, size // 2 + 1) and colour.shape == (3, 3):
                     log.info("spectrum: read %s", path)
-                    return magnitude, {"images": int(meta.get("images", 0)), "file": str(path), "cached": True}
-            log.info("spectrum: %s was made for another store, size or budget; recomputing", path)
-        except (UsaeError, KeyError) as e:
+                    return DataSpectrum(magnitude, colour, int(meta.get("images", 0)), str(path), True)
+            log.info("spectrum: %s was made for another store, size, budget or method; recomputing", path)
+        except (UsaeError, KeyError, ValueError) as e:
             log.warning("spectrum: %s unreadable (%s); recomputing", path, e)
-    magnitude, n = estimate_spectrum(store, size, max_images, progress=progress)
-    info: dict[str, Any] = {"images": n, "file": None, "cached": False}
+    magnitude, colour, n = estimate_spectrum(store, size, max_images, progress=progress)
+    written = None
     if path is not None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            save_tensors_atomic(path, {SPECTRUM_KEY: magnitude}, {**key, "images": str(n)})
-            info["file"] = str(path)
+            save_tensors_atomic(path, {SPECTRUM_KEY: magnitude, COLOUR_KEY: colour}, {**key, "images": str(n)})
+            written = str(path)
         except (UsaeError, OSError) as e:
             log.warning("spectrum: not cached (%s)", e)
-    return magnitude, info
+    return DataSpectrum(magnitude, colour, n, written, False)

@@ -222,3 +222,8 @@ def finished_run(run_dir: Path, cfg: TrainConfig, free: frozenset[str] = RESULT_
     except UsaeError:
         return False
     return differing_field(saved.get("train", {}), cfg, free) is None
+
+
+def trained_store_hash(run_dir: str | Path) -> str | None:
+    """The content hash of the store a run was trained on (None for pretrained or imported runs)."""
+    return (read_run_config(Path(run_dir), ARTIFACT_FORMATS, older_ok=True).get("store") or {}).get("hash")

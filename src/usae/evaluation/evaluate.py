@@ -24,7 +24,7 @@ from usae.evaluation.labeling import LABELS_JSON, label, naming_summary
 from usae.evaluation.splice_measures import SPLICE_JSON
 from usae.model import metrics
 from usae.model.sae import UniversalSAE, dense
-from usae.run import ARTIFACT_FORMATS, load, read_run_config
+from usae.run import load, trained_store_hash
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ def evaluate(
     sae = load(run) if not isinstance(run, UniversalSAE) else run
     store = store if isinstance(store, Store) else open_store(store)
     if not isinstance(run, UniversalSAE):
-        kwargs.setdefault("trained_on", run_store_hash(run))
+        kwargs.setdefault("trained_on", trained_store_hash(run))
     report = evaluate_sae(sae, store, **kwargs)
     if out is None and not isinstance(run, UniversalSAE):
         out = Path(run) / "report.json"
@@ -223,11 +223,6 @@ def evaluate(
         write_json_atomic(Path(out), report)
         log.info("wrote %s", out)
     return report
-
-
-def run_store_hash(run: str | Path) -> str | None:
-    """The content hash of the store a run was trained on (None for pretrained or imported runs)."""
-    return (read_run_config(Path(run), ARTIFACT_FORMATS, older_ok=True).get("store") or {}).get("hash")
 
 
 def evaluate_cli(cfg: EvalConfig) -> list[dict[str, Any]]:
@@ -252,7 +247,7 @@ def evaluate_cli(cfg: EvalConfig) -> list[dict[str, Any]]:
                 min_count=cfg.min_count,
                 min_share=cfg.min_share,
                 universal_cofire=cfg.universal_cofire,
-                trained_on=run_store_hash(cfg.run),
+                trained_on=trained_store_hash(cfg.run),
                 progress=cfg.progress,
             )
         )

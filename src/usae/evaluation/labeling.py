@@ -34,7 +34,7 @@ from usae.extraction.images import image_layout, load_source_image, reopen_cache
 from usae.extraction.labels import folder_label
 from usae.extraction.pixel_labels import PixelLabels, pixel_labels, stack_pixel_labels
 from usae.model.sae import SparseCode, UniversalSAE
-from usae.run import load
+from usae.run import load, trained_store_hash
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ def label(cfg: LabelConfig) -> dict[str, Any]:
             "grid": list(layout.grid),
             "split": (store.extra.get("split") or {}).get("name"),
         },
-        "trained_on_this_store": _trained_on(cfg.run, store),
+        "trained_on_this_store": trained_store_hash(cfg.run) == store.hash,
         "model_names": sae.model_names,
         "families": families,
         "artifacts": artifact_flags(codes, pixels, cfg.n_top_tokens),
@@ -207,12 +207,6 @@ def label(cfg: LabelConfig) -> dict[str, Any]:
     write_json_atomic(out / NAMES_JSON, concept_names(result))
     log.info("wrote %s", out / LABELS_JSON)
     return result
-
-
-def _trained_on(run: Path, store: Store) -> bool:
-    from usae.run import read_run_config
-
-    return read_run_config(run).get("store", {}).get("hash") == store.hash
 
 
 def concept_names(result: dict[str, Any]) -> dict[str, str]:

@@ -157,8 +157,11 @@ def format_r2_gap(report: dict, r2_in_sample: list[list[float]]) -> str:
 
 def format_named(labels: dict, report: dict, n_show: int = 8) -> str:
     """Per label family: the top universal concepts (by normalised energy) named alike in every model."""
+    from usae.evaluation.labeling import artifact_marks, border_share_by_chance
+
     classes, names = report["classes"]["labels"], report["model_names"]
     share = {n: [e / max(1e-30, sum(report["energy"][n])) for e in report["energy"][n]] for n in names}
+    base = border_share_by_chance(labels, tuple(labels["store"].get("grid") or (1, 1)))
     lines = []
     for fam, f in labels["families"].items():
         universal = [k for k, e in f["concepts"].items() if e.get("agrees") and classes[int(k)] == "universal"]
@@ -174,7 +177,9 @@ def format_named(labels: dict, report: dict, n_show: int = 8) -> str:
                 for n in names
                 if isinstance(e.get(n), dict)
             )
-            lines.append(f"  concept {k}: {e['best']} [{per}]")
+            marks = [m["kind"] for m in artifact_marks(labels.get("artifacts", {}), int(k), names, base)]
+            flag = f" (artifact: {', '.join(marks)})" if marks else ""
+            lines.append(f"  concept {k}: {e['best']}{flag} [{per}]")
     return "\n".join(lines)
 
 

@@ -157,10 +157,11 @@ def format_r2_gap(report: dict, r2_in_sample: list[list[float]]) -> str:
 
 def format_named(labels: dict, report: dict, n_show: int = 8) -> str:
     """Per label family: the top universal concepts (by normalised energy) named alike in every model."""
+    from usae.evaluation.classes import energy_share
     from usae.evaluation.labeling import artifact_marks, border_share_by_chance
 
     classes, names = report["classes"]["labels"], report["model_names"]
-    share = {n: [e / max(1e-30, sum(report["energy"][n])) for e in report["energy"][n]] for n in names}
+    share_s = energy_share(report).sum(0)
     base = border_share_by_chance(labels, tuple(labels["store"].get("grid") or (1, 1)))
     lines = []
     for fam, f in labels["families"].items():
@@ -170,7 +171,7 @@ def format_named(labels: dict, report: dict, n_show: int = 8) -> str:
             f"{fam} labels ({f['level']} level): {len(universal)} universal concepts get the same name in every "
             f"model (all classes {summary['agreed']}; shuffled labels {control['agreed']}; FDR p <= {summary['p_threshold']:.2g})"
         )
-        for k in sorted(universal, key=lambda k: -sum(share[n][int(k)] for n in names))[:n_show]:
+        for k in sorted(universal, key=lambda k: -share_s[int(k)])[:n_show]:
             e = f["concepts"][k]
             per = "; ".join(
                 f"{n} p@N {e[n]['precision_at_n']:.2f} vs chance {e[n]['precision_at_n'] / max(e[n]['lift'], 1e-9):.2f}, p {e[n]['p_value']:.2g}"

@@ -35,6 +35,8 @@ SCHEMA_VERSION = 2
 # that load() migrates (see migrate_tensors).
 ARTIFACT_FORMATS = ("usae-run", "usae-pretrained")
 MIGRATABLE_VERSIONS = (1,)
+# RUN/baselines/<model>/: the independent SAEs `usae baseline` trains beside a run (splice uses them too).
+BASELINES_DIR = "baselines"
 
 
 def run_config(sae: UniversalSAE, train: dict[str, Any], store: dict[str, Any]) -> dict[str, Any]:

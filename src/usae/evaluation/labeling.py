@@ -29,6 +29,7 @@ from usae.config import LabelConfig
 from usae.data.store import Store, open_store
 from usae.device import resolve_device
 from usae.errors import UsaeError
+from usae.evaluation.classes import energy_share
 from usae.evaluation.naming import LabelMatrix, label_matrix, name_concepts, shuffled_control, top_n
 from usae.extraction.images import image_layout, load_source_image, reopen_cached, source_of
 from usae.extraction.labels import folder_label
@@ -282,8 +283,7 @@ def naming_summary(labels: dict[str, Any], report: dict[str, Any], classes: list
     ``ARTIFACT_TOP`` universal concepts of most energy share carry an artifact mark.
     """
     names = report["model_names"]
-    energy_ms = np.array([report["energy"][n] for n in names], dtype=np.float64)
-    share_s = (energy_ms / np.maximum(energy_ms.sum(1, keepdims=True), 1e-300)).sum(0)
+    share_s = energy_share(report).sum(0)
     families = {}
     for fam, f in labels["families"].items():
         agreed = {int(k) for k, e in f["concepts"].items() if e.get("agrees")}

@@ -67,13 +67,12 @@ from usae.evaluation.splice_measures import (
 from usae.extraction.backbones import Backbone, align, load_backbone, parse_spec
 from usae.extraction.images import BadImage, ImageSet, canonical_view, image_by_id, open_images, reopen
 from usae.model.sae import UniversalSAE
-from usae.run import MODEL_NAME, load
+from usae.run import BASELINES_DIR, MODEL_NAME, load
 
 log = logging.getLogger(__name__)
 
 SPLICE_VERSION = 1
 SPLICE_PNG = "splice.png"
-BASELINES_DIR = "baselines"  # experiments/baseline.py writes RUN/baselines/<model>/ (not importable from here)
 CHANGED_TOLERANCE = 1e-2
 """An image whose recomputed tokens differ from the stored rows by more than this (relative
 Frobenius norm) has changed since extraction."""

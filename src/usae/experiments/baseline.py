@@ -25,14 +25,13 @@ from usae.evaluation.baselines import (
 )
 from usae.evaluation.baselines.matching import matching_section
 from usae.model.sae import UniversalSAE
-from usae.run import MODEL_NAME, RESULT_FREE_FIELDS, differing_field, load, read_run_config
+from usae.run import BASELINES_DIR, MODEL_NAME, RESULT_FREE_FIELDS, differing_field, load, read_run_config
 from usae.training.fit import fit
 from usae.training.run_dir import load_train_config
 
 log = logging.getLogger(__name__)
 
 BASELINES_VERSION = 1
-BASELINES_DIR = "baselines"
 BASELINES_JSON = "baselines.json"
 
 

@@ -34,8 +34,7 @@ from tqdm.auto import tqdm
 
 from usae.data.store import Store, open_store
 from usae.errors import UsaeError
-from usae.extraction import images as images_mod
-from usae.extraction.images import ImageLayout, image_layout, source_of
+from usae.extraction.images import ImageLayout, image_layout, load_source_image, source_of
 from usae.model.sae import SparseCode, UniversalSAE
 from usae.run import load
 
@@ -85,12 +84,7 @@ def load_view(store: Store, image: int | str) -> np.ndarray:
     """Canonical view (S, S, 3) uint8 of store image ``image`` (index or id), from ``extra.images``."""
     layout = image_layout(store)
     j = _image_index(layout, image)
-    desc = source_of(store)
-    try:
-        img = images_mod.image_by_id(images_mod.reopen_cached(desc), layout.image_ids[j])
-    except images_mod.BadImage as e:
-        raise UsaeError(f"cannot open image {j} of store {store.path}: {e}") from None
-    return images_mod.canonical_view(img, layout.view_size or min(img.size))
+    return load_source_image(source_of(store), layout.image_ids[j], layout.view_size)[0]
 
 
 def _image_index(layout: ImageLayout, image: int | str) -> int:

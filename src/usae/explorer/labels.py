@@ -20,10 +20,7 @@ from usae._io import read_json
 from usae.config import ExploreConfig
 from usae.data.store import Store
 from usae.errors import UsaeError
-from usae.evaluation.labeling import (
-    ARTIFACT_TOP,
-    LABELS_JSON,
-)
+from usae.evaluation.labeling import ARTIFACT_TOP, LABELS_JSON, concept_names
 
 log = logging.getLogger(__name__)
 
@@ -140,9 +137,7 @@ def label_parts(scored: dict[str, Any], k: int) -> list[dict[str, Any]]:
 
 def _label_texts(scored: dict[str, Any]) -> dict[int, str]:
     """concept -> "name, name?" ('?': not the same significant name in every model using it), as names.json."""
-    keys = sorted({k for f in scored["families"].values() for k in f["concepts"]})
-    texts = {k: ", ".join(p["name"] + ("" if p["agrees"] else "?") for p in label_parts(scored, k)) for k in keys}
-    return {k: t for k, t in texts.items() if t}
+    return {int(k): text for k, text in concept_names(scored).items()}
 
 
 def label_slugs(names: Iterable[str]) -> dict[str, str]:

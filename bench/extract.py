@@ -17,6 +17,7 @@ Not a test: numbers depend on the machine.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import tempfile
 import time
@@ -34,6 +35,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=2, help="best of this many runs for each side")
+    ap.add_argument("--json", type=Path, help="also write the rows (metric, value, ratio) to this JSON file")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -83,6 +85,16 @@ def main() -> None:
     print(f"{'bare forwards':24s}{t_bare:10.2f}{n / t_bare:10.1f}")
     print(f"{'usae extract':24s}{t_full:10.2f}{n / t_full:10.1f}")
     print(f"extraction / bare forwards = {t_full / t_bare:.3f}x (target <= 1.1x)")
+    if args.json:
+        rows = [
+            {"metric": "bare forwards images/s", "value": n / t_bare, "ratio": 1.0},
+            {
+                "metric": "usae extract images/s (ratio: time / bare, target <= 1.1)",
+                "value": n / t_full,
+                "ratio": t_full / t_bare,
+            },
+        ]
+        args.json.write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

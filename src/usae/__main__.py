@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import json
+import contextlib
+import io
 import logging
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 
 import tyro
 
+from usae._io import one_line
 from usae.config import (
     AblateConfig,
     BaselineConfig,
@@ -39,11 +41,37 @@ def synth(cfg: SynthConfig) -> Path:
     return write_world(cfg)
 
 
+# Rows `usae train` measures R² on when it ends (a few seconds on CPU).
+SUMMARY_ROWS = 8192
+
+
 def train(cfg: TrainConfig) -> None:
     from usae.training.fit import fit
 
     result = fit(cfg)
-    print(json.dumps(result.last_metrics, indent=1))
+    print(format_trained(result.sae, result.run_dir, cfg))
+
+
+def format_trained(sae: Any, run_dir: Path, cfg: TrainConfig) -> str:
+    """Where the run is, its self/cross R² on a sample (held-out rows when the store has a twin), what next."""
+    from usae.data.store import held_out_path, open_store
+    from usae.evaluation.evaluate import evaluate as evaluate_sample
+
+    store = open_store(cfg.store)
+    held_out = held_out_path(store)
+    sample = open_store(held_out) if held_out is not None else store
+    n = min(SUMMARY_ROWS, sample.n_rows)
+    report = evaluate_sample(sae, sample, max_rows=n, progress=False, batch_size=min(4096, n))
+    r2, m = report["r2_matrix"], len(report["r2_matrix"])
+    self_r2 = sum(r2[i][i] for i in range(m)) / m
+    cross = [r2[i][j] for i in range(m) for j in range(m) if i != j]
+    where = "held-out store " + str(held_out) if held_out is not None else "the training store (in-sample)"
+    cross_text = f", cross {sum(cross) / len(cross):.3f}" if cross else ""
+    return (
+        f"run: {run_dir}\n"
+        f"R² on the first {n} rows of {where}: self {self_r2:.3f}{cross_text}\n"
+        f"next: usae evaluate {run_dir} {held_out or cfg.store}"
+    )
 
 
 def evaluate(cfg: EvalConfig) -> None:
@@ -235,7 +263,9 @@ def import_official(cfg: ImportOfficialConfig) -> None:
 def export(cfg: ExportConfig) -> None:
     from usae.interop.hub import export_run
 
-    out = export_run(cfg.run, cfg.out, dtype=cfg.dtype, push_to_hub=cfg.push_to_hub, private=cfg.private)
+    out = export_run(
+        cfg.run, cfg.out, dtype=cfg.dtype, push_to_hub=cfg.push_to_hub, private=cfg.private, overwrite=cfg.overwrite
+    )
     print(f"pretrained: {out}" + (f"  hub: {cfg.push_to_hub}" if cfg.push_to_hub else ""))
 
 
@@ -265,21 +295,66 @@ COMMANDS: dict[str, tuple[type, Any]] = {
 }
 
 
+class ParseError(Exception):
+    """The command line did not parse (unknown flag, bad value, missing argument)."""
+
+
+def parse(config_cls: type, command: str, args: list[str]) -> Any:
+    """``tyro.cli`` for one command, its errors squeezed from a multi-line box to one line.
+
+    --help still prints tyro's full text (to stdout, exit 0).
+    """
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            return tyro.cli(config_cls, prog=f"usae {command}", args=args)
+    except SystemExit as e:
+        if not e.code:
+            raise
+        raise ParseError(f"{_box_text(captured.getvalue())}; see usae {command} --help") from None
+
+
+def _box_text(text: str) -> str:
+    """A tyro error box as one line: its title and the text up to its first rule."""
+    title, body = "", []
+    for raw in text.splitlines():
+        line = raw.strip().strip("│").strip()
+        if raw.strip().startswith("╭"):
+            title = line.strip("╭╮─ ")
+        elif line and set(line) <= {"─"}:  # the rule before the help hint
+            break
+        elif line and not line.startswith("╰"):
+            body.append(line)
+    if body and body[0].endswith(":"):  # "Missing from usae train:" / the argument / its help text
+        body = body[:2]
+    text = " ".join(body)
+    if title and not text.startswith(title):
+        text = f"{title}: {text}" if text else title
+    return one_line(text or "invalid arguments")
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] not in COMMANDS:
+        if not args or not args[0].startswith("-"):
+            given = f"unknown command {args[0]!r}" if args else "no command given"
+            print(f"usae: error: {given} (one of {', '.join(COMMANDS)}); see usae --help", file=sys.stderr)
+            return 2
         tyro.extras.subcommand_cli_from_dict({c: cls for c, (cls, _) in COMMANDS.items()}, prog="usae", args=args)
         return 2
     try:
         config_cls, handler = COMMANDS[args[0]]
-        handler(tyro.cli(config_cls, prog=f"usae {args[0]}", args=args[1:]))
+        handler(parse(config_cls, args[0], args[1:]))
     except UsaeError as e:
         print(f"usae: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # disk full, permissions, ... anywhere: one line naming the file, not a traceback
         where = f"{e.filename}: " if e.filename else ""
         print(f"usae: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
+    except ParseError as e:
+        print(f"usae: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("usae: interrupted", file=sys.stderr)

@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -32,6 +33,33 @@ def one_line(e: object) -> str:
     """An exception or text squeezed onto one line of at most 200 characters (for error messages)."""
     text = " ".join(str(e).split())[:200]
     return text or e.__class__.__name__
+
+
+_FILE_KINDS = {
+    stat.S_IFDIR: "directory",
+    stat.S_IFIFO: "FIFO",
+    stat.S_IFSOCK: "socket",
+    stat.S_IFCHR: "character device",
+    stat.S_IFBLK: "block device",
+}
+
+
+def regular_file(path: Path, what: str = "file") -> Path:
+    """``path`` when it is a regular file (or a link to one), checked without opening it.
+
+    Anything else is a one-line UsaeError naming it: missing, or a directory, FIFO, socket or
+    device (opening a FIFO would block forever; reading a device never ends).
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise UsaeError(f"{path}: {what} not found") from None
+    except OSError as e:
+        raise UsaeError(f"{path}: {what} could not be read ({e.strerror or e})") from None
+    if not stat.S_ISREG(mode):
+        kind = _FILE_KINDS.get(stat.S_IFMT(mode), "special file")
+        raise UsaeError(f"{path}: {what} is a {kind}, not a regular file")
+    return Path(path)
 
 
 def fsync_path(path: Path) -> None:
@@ -104,9 +132,7 @@ def publish_dir(tmp_dir: Path, final: Path) -> None:
 
 def read_json(path: Path, what: str) -> Any:
     """Read a JSON file; a missing or malformed file is a one-line UsaeError naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise UsaeError(f"{path}: {what} not found")
+    path = regular_file(Path(path), what)
     try:
         return json.loads(path.read_text())
     except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, a 5000-digit int, deep nesting
@@ -141,6 +167,7 @@ def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: 
     try:
         save_file(tensors, str(tmp), metadata=metadata)
         _sort_metadata_in_place(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates 0600; every other artifact follows the umask
         fsync_path(tmp)
         tmp.replace(path)
     except (OSError, SafetensorError) as e:
@@ -148,6 +175,13 @@ def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: 
             tmp.unlink()
         msg = getattr(e, "strerror", None) or one_line(e)
         raise UsaeError(f"{path}: could not write ({msg}); the previous file is unchanged") from None
+
+
+def _umask() -> int:
+    """The process umask (read by setting it, then restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _sort_metadata_in_place(path: Path) -> None:
@@ -174,8 +208,7 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
     A missing, truncated, altered or foreign file is a one-line UsaeError naming it.
     """
-    if not path.is_file():
-        raise UsaeError(f"{path}: file not found")
+    regular_file(path)
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError, OverflowError, MemoryError) as e:
@@ -188,8 +221,183 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def safetensors_metadata(path: Path) -> dict[str, str]:
     """The ``__metadata__`` of a safetensors file's header (one-line UsaeError if unreadable)."""
+    regular_file(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             return f.metadata() or {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise UsaeError(f"{path}: not a readable safetensors file ({one_line(e)})") from None
+
+
+# -- where outputs may go ---------------------------------------------------------------------------
+# A usae artifact is a directory whose marker file names its format: stores and codes in
+# metadata.json, runs and pretrained exports in config.json.
+LOCK_NAME = ".usae.lock"  # held by a directory's writer (dir_lock)
+ARTIFACT_MARKERS = {"metadata.json": ("usae-store", "usae-codes"), "config.json": ("usae-run", "usae-pretrained")}
+
+
+def artifact_format(path: Path) -> str | None:
+    """The usae format a directory holds ('usae-store', 'usae-run', ...), or None when it holds none."""
+    path = Path(path)
+    for marker, formats in ARTIFACT_MARKERS.items():
+        p = path / marker
+        if not p.is_file():
+            continue
+        try:
+            fmt = json.loads(p.read_text()).get("format")
+        except (OSError, ValueError, AttributeError, RecursionError):
+            continue
+        if fmt in formats:
+            return fmt
+    return None
+
+
+def _has_content(path: Path) -> bool:
+    """True when a directory holds anything but what a killed writer leaves (its lock, ``*.tmp`` files)."""
+    return any(p.name != LOCK_NAME and not p.name.endswith(".tmp") for p in path.iterdir())
+
+
+def _inside(a: Path, b: Path) -> bool:
+    """True when ``a`` is ``b`` or lies below it (both resolved)."""
+    return a == b or b in a.parents
+
+
+def check_output(
+    out: str | Path,
+    fmt: str | tuple[str, ...],
+    *,
+    overwrite: bool = False,
+    reading: tuple[str | Path, ...] = (),
+    replaces: bool = True,
+    flag: str = "--out",
+) -> Path:
+    """Resolve ``out`` and refuse, before anything is written, an output that would escape or clobber.
+
+    ``fmt``: the usae format(s) the command writes there ('usae-store', 'usae-run', ...); '' for
+    plain outputs (a report, an explorer site), which may go into any directory that is not
+    another artifact. One-line UsaeError when ``out``:
+      - is a file-system root, or an existing file;
+      - is or lies inside an input in ``reading`` (the store or run being read), or contains one
+        when the command ``replaces`` the whole directory;
+      - holds another usae artifact (a store, a run, ...), even with ``overwrite``;
+      - is a non-empty directory that is not a usae artifact, unless ``overwrite`` — and even then
+        when the command ``replaces`` the whole directory (--overwrite never deletes a foreign one).
+    Leftovers of a killed writer (its lock file, ``*.tmp``) do not count as content. Returns the
+    absolute path (symlinks resolved); only checks: the caller creates the directory.
+    """
+    formats = (fmt,) if isinstance(fmt, str) else tuple(fmt)
+    given = Path(out)
+    try:
+        path = given.expanduser().resolve()
+    except (OSError, RuntimeError) as e:
+        raise UsaeError(f"{flag} {given}: not a usable path ({one_line(e)})") from None
+    if path.parent == path:
+        raise UsaeError(f"{flag} {given}: refusing to write into the file-system root; name a directory of its own")
+    for src in reading:
+        src_path = Path(src).expanduser().resolve()
+        # Writing beside an input is fine; replacing a directory that holds one would delete it.
+        if _inside(path, src_path) or (replaces and _inside(src_path, path)):
+            what = "is" if path == src_path else ("lies inside" if _inside(path, src_path) else "contains")
+            raise UsaeError(f"{flag} {given}: {what} the input {src}; write to a directory of its own")
+    if path.exists() and not path.is_dir():
+        raise UsaeError(f"{flag} {given}: exists and is not a directory")
+    if not path.is_dir() or not _has_content(path):
+        return path
+    held = artifact_format(path)
+    if held is not None:
+        if held in formats:
+            return path  # the command's own resume/overwrite rules apply
+        raise UsaeError(f"{flag} {given}: holds a {held} directory; pick another path")
+    if "" in formats:
+        return path
+    kind = "a non-empty directory that is not a usae artifact"
+    if not overwrite:
+        raise UsaeError(f"{flag} {given}: is {kind}; pick another path (or pass --overwrite to write into it)")
+    if replaces:
+        want = " or ".join(formats)
+        raise UsaeError(f"{flag} {given}: is {kind}; --overwrite only replaces a {want} directory, pick another path")
+    return path
+
+
+@contextlib.contextmanager
+def output_dir(out: Path):
+    """Create ``out`` (and parents) for a command; on failure remove what was created and is still empty.
+
+    A failed command leaves no empty ``--out`` behind; a directory that existed before, or that
+    holds anything, is never removed.
+    """
+    out = Path(out)
+    created = []
+    p = out
+    while not p.exists():
+        created.append(p)
+        if p.parent == p:
+            break
+        p = p.parent
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        yield out
+    except BaseException:
+        for d in created:  # innermost first
+            with contextlib.suppress(OSError):
+                (d / LOCK_NAME).unlink(missing_ok=True)
+                d.rmdir()  # only succeeds when empty
+        raise
+
+
+# -- one writer at a time ---------------------------------------------------------------------------
+_HELD_LOCKS: set[Path] = set()  # lock files this process holds (a nested dir_lock on one is a no-op)
+
+
+def sibling_lock(path: Path) -> Path:
+    """The lock file for writing a directory that does not exist yet (a store): ``.NAME.usae.lock`` beside it."""
+    path = Path(os.path.abspath(path))
+    return path.with_name(f".{path.name}{LOCK_NAME}")
+
+
+@contextlib.contextmanager
+def dir_lock(lock_path: Path, what: str):
+    """Hold an advisory exclusive lock (``fcntl.flock``) on ``lock_path`` while the block runs.
+
+    For writers only (a run directory being trained, a store being written); readers never take
+    it. The lock dies with its process, so a killed writer never blocks the next one (its lock
+    file stays behind, unlocked). A second writer gets a one-line UsaeError naming the holder's
+    pid and host. The file is removed on release; a waiter that locked the removed file notices
+    (inode check) and locks the new one, so two writers never both hold it. Re-entrant within
+    a process.
+    """
+    import fcntl
+    import socket
+
+    lock_path = Path(os.path.abspath(lock_path))
+    if lock_path in _HELD_LOCKS:
+        yield
+        return
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise UsaeError(
+                f"{what} is being written by {holder} (lock {lock_path}); wait for it to finish or pick another path"
+            ) from None
+        try:
+            same = os.stat(lock_path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the holder removed this file as we locked it: lock the current one
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        _HELD_LOCKS.add(lock_path)
+        yield
+    finally:
+        _HELD_LOCKS.discard(lock_path)
+        with contextlib.suppress(OSError):
+            lock_path.unlink()
+        os.close(fd)  # releases the lock

@@ -30,6 +30,11 @@ class World(NamedTuple):
 SINGLE = World(0, 1)
 
 
+def env_rank() -> int:
+    """This process's rank as torchrun announces it (0 outside torchrun), readable before :func:`init`."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def init(device: torch.device) -> tuple[World, torch.device]:
     """Join the process group torchrun describes (WORLD_SIZE > 1); pick this rank's GPU."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:

@@ -35,6 +35,8 @@ SCHEMA_VERSION = 2
 # that load() migrates (see migrate_tensors).
 ARTIFACT_FORMATS = ("usae-run", "usae-pretrained")
 MIGRATABLE_VERSIONS = (1,)
+# RUN/report.json (one store) or RUN/report-<store>.json (several): `usae evaluate`'s reports.
+REPORT_GLOBS = ("report.json", "report-*.json")
 # RUN/baselines/<model>/: the independent SAEs `usae baseline` trains beside a run (splice uses them too).
 BASELINES_DIR = "baselines"
 
@@ -196,7 +198,9 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu") -> UniversalSA
 
 # Train-config fields that do not change what a run computes: where it lives and reads from (the
 # store's content hash is checked separately), how it reports, where it runs.
-RESULT_FREE_FIELDS = frozenset({"resume", "overwrite", "progress", "device", "save_every", "log_every", "store", "out"})
+RESULT_FREE_FIELDS = frozenset(
+    {"resume", "overwrite", "progress", "device", "save_every", "log_every", "log", "store", "out"}
+)
 
 
 def differing_field(saved_train: dict[str, Any], cfg: TrainConfig, free: frozenset[str] = RESULT_FREE_FIELDS):
@@ -229,3 +233,9 @@ def finished_run(run_dir: Path, cfg: TrainConfig, free: frozenset[str] = RESULT_
 def trained_store_hash(run_dir: str | Path) -> str | None:
     """The content hash of the store a run was trained on (None for pretrained or imported runs)."""
     return (read_run_config(Path(run_dir), ARTIFACT_FORMATS, older_ok=True).get("store") or {}).get("hash")
+
+
+def run_reports(run_dir: str | Path) -> list[Path]:
+    """The evaluation reports in a run directory: report.json, then report-<store>.json by name."""
+    run_dir = Path(run_dir)
+    return [p for pattern in REPORT_GLOBS for p in sorted(run_dir.glob(pattern)) if p.is_file()]

@@ -7,6 +7,7 @@ from pathlib import Path
 from usae._io import load_tensors, read_json, safetensors_metadata
 from usae.data.codes import open_codes
 from usae.data.store import open_store
+from usae.errors import UsaeError
 from usae.model.sae import UniversalSAE
 from usae.run import CONFIG_NAME, MODEL_NAME, load, load_state_into
 from usae.training.checkpoints import all_checkpoints, check_trainer, unflatten_optimizer
@@ -20,7 +21,9 @@ def verify(path: str | Path) -> str:
     the first damaged file.
     """
     path = Path(path)
-    if (path / "metadata.json").is_file() and not (path / CONFIG_NAME).is_file():
+    if not path.is_dir():
+        raise UsaeError(f"{path}: not a directory (verify takes a store, run, pretrained or codes directory)")
+    if (path / "metadata.json").exists() and not (path / CONFIG_NAME).exists():
         meta = read_json(path / "metadata.json", "metadata")
         if isinstance(meta, dict) and meta.get("format") == "usae-codes":
             codes = open_codes(path)

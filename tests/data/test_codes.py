@@ -56,7 +56,7 @@ def test_codes_equal_encode_and_are_documented(small_store, tmp_path):
     assert open_codes(out).model_names == ["a"] and np.load(out / "a/values-00000.npy").dtype == np.float16
     (tmp_path / "other").mkdir()
     (tmp_path / "other/thesis.tex").write_text("x")
-    with pytest.raises(UsaeError, match="is not a usae codes directory"):
+    with pytest.raises(UsaeError, match="not a usae artifact; --overwrite only replaces a usae-codes directory"):
         from usae.config import EncodeConfig
         from usae.data.codes import encode_store
 
@@ -91,3 +91,60 @@ def test_store_with_other_models_is_refused(small_store, tmp_path, capsys):
     assert main(["encode", str(run), str(other), "--out", str(tmp_path / "codes"), "--no-progress"]) == 2
     assert "model 'a' has width 5, run" in capsys.readouterr().err
     assert not (tmp_path / "codes").exists()
+
+
+def test_codes_record_absolute_paths(small_store, tmp_path, monkeypatch):
+    """Run and store given relative to the working directory are saved absolute (and as given)."""
+    import os
+
+    run, _ = _run(tmp_path, small_store)
+    monkeypatch.chdir(tmp_path)
+    store_rel = os.path.relpath(small_store, tmp_path)
+    assert main(["encode", "run", store_rel, "--out", "codes", "--max-rows", "100", "--no-progress"]) == 0
+    meta = json.loads((tmp_path / "codes" / "metadata.json").read_text())
+    assert meta["run"]["path"] == str(run) and meta["run"]["path_as_given"] == "run"
+    assert meta["store"]["path"] == str(small_store) and meta["store"]["path_as_given"] == store_rel
+
+
+def test_encode_progress_counts_rows(small_store, tmp_path, monkeypatch):
+    """The bar counts store rows, as the log line does, whatever the number of models."""
+    import usae.data.codes as codes_mod
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total, **kwargs):
+            self.total, self.n = total, 0
+            bars.append(self)
+
+        def update(self, n):
+            self.n += n
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(codes_mod, "tqdm", Bar)
+    run, _ = _run(tmp_path, small_store)
+    argv = ["encode", str(run), str(small_store), "--out", str(tmp_path / "codes"), "--max-rows", "1500"]
+    assert main([*argv, "--rows-per-shard", "600", "--batch-size", "250"]) == 0
+    (bar,) = bars
+    assert bar.total == bar.n == 1500
+
+
+def test_encode_out_is_checked_before_writing(small_store, tmp_path, capsys, monkeypatch):
+    """--out may not be the store or the run, nor lie inside them; a failed command leaves no new directory."""
+    import usae.data.codes as codes_mod
+
+    run, _ = _run(tmp_path, small_store)
+    before = sorted(small_store.rglob("*")), sorted(run.rglob("*"))
+    for out in (small_store, small_store / "codes", run / "codes"):
+        assert main(["encode", str(run), str(small_store), "--out", str(out), "--no-progress"]) == 2
+        assert "the input" in capsys.readouterr().err
+    assert before == (sorted(small_store.rglob("*")), sorted(run.rglob("*")))
+
+    def fail(*a, **k):
+        raise UsaeError("encoding failed")
+
+    monkeypatch.setattr(codes_mod, "top_codes", fail)
+    assert main(["encode", str(run), str(small_store), "--out", str(tmp_path / "a/b/codes"), "--no-progress"]) == 2
+    assert not (tmp_path / "a").exists()

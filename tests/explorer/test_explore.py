@@ -384,3 +384,73 @@ def test_plain_labels_still_work(site, world):
     row = re.search(rf'data-text="([^"]*)">\s*<td data-v="{k}">.*?</tr>', (site / "index.html").read_text(), re.S)
     assert html.escape(EVIL_LABEL) in row[0] and html.unescape(row[1]) == f"{k} {EVIL_LABEL.lower()}"
     assert not (site / "labels").exists()
+
+
+# -- reports, outputs and write failures -----------------------------------------------------------
+def test_explore_reuses_a_report_of_usae_evaluate_on_several_stores(world, tmp_path, monkeypatch):
+    """`usae evaluate RUN S1 S2` writes report-<store>.json: the explorer takes the one whose store
+    hash is the explored store's and does not evaluate again; with none for this store it does."""
+    import usae.explorer.site as site_mod
+
+    run = tmp_path / "run"
+    shutil.copytree(world.run, run)
+    (run / "report.json").unlink()
+    args = ["evaluate", str(run), str(world.store), str(world.store), "--max-rows", "200", "--no-report"]
+    assert main([*args, "--no-progress"]) == 0  # two partial reports: report-store-1.json, report-store-2.json
+    full = json.loads((world.run / "report.json").read_text())
+    (run / "report-val.json").write_text(json.dumps(full))  # every row, under a name that is not the store's
+    assert sorted(p.name for p in run.glob("report*.json")) == [
+        "report-store-1.json", "report-store-2.json", "report-val.json"
+    ]  # fmt: skip
+
+    def no_evaluation(*a, **k):
+        raise AssertionError("evaluated again")
+
+    monkeypatch.setattr(site_mod, "evaluate", no_evaluation)
+    explore(run, world.store, tmp_path / "site", n_top=2, progress=False)
+    assert site_mod.find_report(run, full["model_names"], usae.open_store(world.store))[0] == run / "report-val.json"
+    (run / "report-val.json").unlink()  # the others cover 200 rows, not the store: evaluated again
+    with pytest.raises(AssertionError, match="evaluated again"):
+        explore(run, world.store, tmp_path / "site", n_top=2, progress=False)
+
+
+def test_a_write_failure_names_the_file(world, tmp_path, monkeypatch):
+    """Disk full while writing a page: one line naming the page, no site, no partial directory."""
+    import errno
+    import os
+    import pathlib
+
+    real = pathlib.Path.write_text
+
+    def full_disk(self, *a, **k):
+        if self.parent.name == "concepts":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as a failed write(): no file name
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(pathlib.Path, "write_text", full_disk)
+    with pytest.raises(UsaeError, match=r"concepts/\d+\.html: could not write \(No space left on device\)") as e:
+        explore(world.run, world.store, tmp_path / "site", n_top=2, progress=False)
+    assert "\n" not in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_explore_out_is_checked_before_writing(world, tmp_path, capsys):
+    """--out may not be the store or the run, nor lie inside them; nothing is written then."""
+
+    def tree(p: Path) -> list[Path]:
+        return sorted(p.rglob("*"))
+
+    before = {p: tree(p) for p in (world.store, world.run, world.store.parent)}
+    for out in (world.store, world.store / "site", world.run / "site"):
+        assert main(["explore", str(world.run), str(world.store), "--out", str(out), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert "the input" in err and str(out) in err
+    assert before == {p: tree(p) for p in (world.store, world.run, world.store.parent)}
+
+
+def test_a_failed_explore_leaves_no_empty_out(world, tmp_path):
+    bad = tmp_path / "labels.json"
+    bad.write_text(json.dumps({"99999": "x"}))
+    with pytest.raises(UsaeError, match="labels.json"):
+        explore(world.run, world.store, tmp_path / "new" / "dirs" / "site", labels=bad, progress=False)
+    assert not (tmp_path / "new").exists()

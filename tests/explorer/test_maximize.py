@@ -367,3 +367,27 @@ def test_cli_maximize(world, tmp_path, capsys):
     assert (out / "concept-1" / "panel.png").is_file() and (out / "concept-2" / RESULT_NAME).is_file()
     assert "panel.png" in capsys.readouterr().out
     assert main(["maximize", str(world.run), "--concept", "1", "--store", str(tmp_path / "none")]) == 2
+
+
+def test_cli_maximize_finds_the_runs_store_from_another_directory(world, tmp_path, monkeypatch, capsys):
+    """A run that recorded its store relative to where it was trained (older runs) still finds it
+    when ``usae maximize`` runs from another directory; a path leading to another store is refused."""
+    project = tmp_path / "project"
+    run = project / "runs" / "r"
+    shutil.copytree(world.run, run, ignore=shutil.ignore_patterns("maximize"))
+    (project / "stores").mkdir()
+    (project / "stores" / "s").symlink_to(world.store, target_is_directory=True)
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["store"]["path"] = "stores/s"  # as given on the command line, inside project/
+    (run / "config.json").write_text(json.dumps(cfg))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    args = ["maximize", str(run), "--concept", "1", "--steps", "1", "--spectrum", "1/f", "--no-compare"]
+    assert main([*args, "--no-progress"]) == 0
+    assert (run / "maximize" / "concept-1" / RESULT_NAME).is_file()
+    cfg["store"]["hash"] = "0" * 64  # the run was trained on another store than the one found there
+    (run / "config.json").write_text(json.dumps(cfg))
+    assert main([*args, "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "stores/s" in err[-1] and "pass --store" in err[-1]

@@ -23,7 +23,7 @@ except ImportError:  # pragma: no cover - skimage is a dev dependency
 
 def _pixels(name: str, size: int = 224) -> torch.Tensor:
     view = canonical_view(load_rgb(SKIMAGE_DATA / name), size)
-    return torch.from_numpy(view).permute(2, 0, 1)[None].float() / 255.0
+    return torch.from_numpy(view.copy()).permute(2, 0, 1)[None].float() / 255.0
 
 
 def test_parse_spec():

@@ -224,3 +224,108 @@ def test_bad_extract_settings_are_one_line_errors(tmp_path):
     for field, value in (("batch_size", 0), ("images_per_part", 0), ("grid", 0), ("max_images", 0)):
         with pytest.raises(UsaeError, match=f"extract config: invalid {field}={value}"):
             _cfg(tmp_path, tmp_path / "s", **{field: value})
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def _dirs(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_dir()}
+
+
+@pytest.mark.parametrize("alias", ["{dir}/victim", "../../evil", "a/../../evil"])
+def test_unsafe_alias_is_refused_before_anything_is_written(tmp_path, capsys, alias):
+    from usae.__main__ import main
+
+    _write_images(tmp_path / "work" / "imgs", 2)
+    victim_dir = tmp_path / "work" / "DIR"
+    victim_dir.mkdir()
+    (victim_dir / "victim.npy").write_bytes(b"precious bytes")
+    before, dirs_before = _files(tmp_path), _dirs(tmp_path)
+    spec = alias.format(dir=victim_dir) + "=fake:w16s8"
+    out = tmp_path / "work" / "deep" / "st2"
+    argv = ["extract", "--images", str(tmp_path / "work" / "imgs"), "--max-images", "2", "--models", spec]
+    assert main([*argv, "--out", str(out), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a safe directory name" in err[0] and repr(alias.format(dir=victim_dir)) in err[0]
+    assert _files(tmp_path) == before and _dirs(tmp_path) == dirs_before  # victim intact, no --out, no parts
+
+
+def test_out_at_the_root_is_one_line_and_writes_nothing(tmp_path, capsys):
+    from usae.__main__ import main
+
+    _write_images(tmp_path / "imgs", 2)
+    argv = ["extract", "--images", str(tmp_path / "imgs"), "--models", "fake:w8s4", "--device", "cpu"]
+    assert main([*argv, "--out", "/"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("usae: error: --out /: refusing to write into the file-system root")
+    assert not Path("/.parts").exists() and not Path("/.partial").exists()
+
+
+def test_out_that_is_a_foreign_directory_is_refused_untouched(tmp_path, capsys):
+    from usae.__main__ import main
+
+    _write_images(tmp_path / "imgs", 2)
+    foreign = tmp_path / "thesis"
+    foreign.mkdir()
+    (foreign / "chapter1.tex").write_text("years of work")
+    argv = ["extract", "--images", str(tmp_path / "imgs"), "--models", "fake:w8s4", "--device", "cpu"]
+    before = _files(tmp_path)
+    for extra in ([], ["--overwrite"]):
+        assert main([*argv, "--out", str(foreign), *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "not a usae artifact" in err[0]
+        assert _files(tmp_path) == before and not parts_dir_for(foreign).exists()
+
+
+def test_an_empty_out_directory_becomes_the_store(tmp_path):
+    _write_images(tmp_path / "imgs", 2)
+    (tmp_path / "made").mkdir()
+    out = extract(_cfg(tmp_path / "imgs", tmp_path / "made", progress=False))
+    assert out == tmp_path / "made" and len(open_store(out)) == 2 * 64
+
+
+def test_held_out_twin_is_checked_before_extracting(tmp_path, capsys):
+    from usae.__main__ import main
+
+    _write_images(tmp_path / "imgs", 4)
+    twin = tmp_path / "store-val"
+    twin.mkdir()
+    (twin / "notes.txt").write_text("mine")
+    argv = ["extract", "--images", str(tmp_path / "imgs"), "--models", "fake:w8s4", "--device", "cpu"]
+    assert main([*argv, "--out", str(tmp_path / "store"), "--val-fraction", "0.5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "held-out store" in err[0] and "not a usae artifact" in err[0]
+    assert not (tmp_path / "store").exists() and not parts_dir_for(tmp_path / "store").exists()
+    assert (twin / "notes.txt").read_text() == "mine"
+
+
+def test_failed_extraction_leaves_no_empty_directories(tmp_path):
+    _write_images(tmp_path / "imgs", 3)
+    bad = TorchBackbone(nn.AvgPool2d(16), "nan", 64, features=lambda m, x: m(x) * float("nan"))
+    cfg = ExtractConfig(images=str(tmp_path / "imgs"), models=(), out=tmp_path / "a" / "b" / "s", device="cpu")
+    with pytest.raises(UsaeError, match="NaN"):
+        extract(cfg, [bad])
+    assert not (tmp_path / "a").exists()
+
+
+def test_progress_flag_shows_or_hides_the_bar(tmp_path, capsys):
+    from usae.__main__ import main
+
+    _write_images(tmp_path / "imgs", 3)
+    argv = ["extract", "--images", str(tmp_path / "imgs"), "--models", "fake:w8s4", "--device", "cpu"]
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 0
+    assert "extract: 100%" in capsys.readouterr().err  # shown even when stderr is not a terminal
+    assert main([*argv, "--out", str(tmp_path / "b"), "--no-progress"]) == 0
+    assert "extract:" not in capsys.readouterr().err
+
+
+def test_files_that_are_not_images_are_counted_in_one_line(tmp_path, caplog):
+    _write_images(tmp_path / "imgs", 2)
+    for i in range(24):
+        (tmp_path / "imgs" / f"icon{i}.svg").write_text("<svg/>")
+    (tmp_path / "imgs" / "README").write_text("about")
+    extract(_cfg(tmp_path / "imgs", tmp_path / "s", progress=False))
+    said = [r.getMessage() for r in caplog.records if "not images" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("skipped 25 files that are not images (.svg 24, (no extension) 1)")

@@ -7,9 +7,10 @@ config (auto values filled in) is what a run directory saves, so a run explains 
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import tyro
 
@@ -64,10 +65,29 @@ class SAEConfig:
                 raise UsaeError(f"sae config: model name {name!r} must be a non-empty string without '.'")
             if not isinstance(d, int) or d < 1:
                 raise UsaeError(f"sae config: width of model {name!r} must be a positive int, got {d!r}")
-        if self.n_latents < 1:
-            raise UsaeError(f"sae config: n_latents must be >= 1, got {self.n_latents}")
-        if not 1 <= self.k <= self.n_latents:
-            raise UsaeError(f"sae config: k must be in [1, n_latents={self.n_latents}], got {self.k}")
+        if not isinstance(self.n_latents, int) or self.n_latents < 1:
+            raise UsaeError(f"sae config: n_latents must be an int >= 1, got {self.n_latents!r}")
+        if not isinstance(self.k, int) or not 1 <= self.k <= self.n_latents:
+            raise UsaeError(f"sae config: k must be an int in [1, n_latents={self.n_latents}], got {self.k!r}")
+        need, have = self.parameter_bytes(), _physical_memory_bytes()
+        if have and need > have:  # refuse before allocating: an edited config.json must not ask for 64 TB
+            raise UsaeError(
+                f"sae config: n_latents={self.n_latents} with widths {list(self.widths.values())} needs "
+                f"{need / 2**30:,.1f} GiB of float32 parameters, more than this machine's {have / 2**30:,.1f} GiB of memory"
+            )
+
+    def parameter_bytes(self) -> int:
+        """Bytes of the float32 parameters (encoders, decoders, biases) this architecture allocates."""
+        s = self.n_latents
+        return 4 * sum(2 * s * d + s + 3 * d for d in self.widths.values())
+
+
+def _physical_memory_bytes() -> int | None:
+    """This machine's RAM (None where the platform does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 @dataclass(frozen=True)
@@ -156,6 +176,13 @@ class TrainConfig:
     """'auto' (cuda if present), 'cpu', 'cuda', 'cuda:1', ..."""
     progress: bool = True
     """Show a progress bar."""
+    # The alias: torchrun's own parser refuses `--log` anywhere on its command line (an ambiguous
+    # prefix of its --log-dir, ...), so under torchrun the flag is spelled --trackers.
+    log: Annotated[tuple[Literal["wandb", "tensorboard"], ...], tyro.conf.arg(aliases=("--trackers",))] = ()
+    """Also send each metrics.jsonl record to these trackers (rank 0 only; results unchanged):
+    'wandb' (the run's config.json as its config; offline under RUN/wandb/ unless WANDB_MODE is set
+    or an API key is found), 'tensorboard' (event files under RUN/tensorboard/). Needs
+    pip install 'usae[tracking]'. Under torchrun, spell it --trackers."""
 
     def __post_init__(self) -> None:
         checks = {
@@ -278,8 +305,10 @@ class ExtractConfig:
     """Image source: a folder (recursive), a .txt list of paths, 'hf:NAME[:SPLIT]' or a saved
     datasets directory (image column), or 'builtin:demo' (offline photos)."""
     models: tuple[str, ...]
-    """Backbone specs [ALIAS=]KIND:ID[@LAYER]: timm:NAME, hf:REPO, openclip:ARCH/TAG, onnx:PATH@TENSOR,
-    fake:w16s8, or a built-in name (effnet-lite0, open-nsfw, craft-vgg16)."""
+    """Backbone specs [ALIAS=]KIND:ID[@LAYER][?OPTIONS]: timm:NAME, hf:REPO, openclip:ARCH/TAG,
+    onnx:PATH@TENSOR, fake:w16s8, or a built-in name (effnet-lite0, open-nsfw, craft-vgg16). OPTIONS
+    override the preprocessing: size=320 (or HxW), mean=R,G,B, std=R,G,B, scale=1|255 (with mean and
+    std), bgr=0|1, layout=nchw|nhwc, joined by '&' (quote the spec in a shell); see docs/backbones.md."""
     out: Path
     """Store directory to create (work in progress lives in OUT.parts/ until it is finalised)."""
     grid: int | None = None
@@ -318,6 +347,8 @@ class ExtractConfig:
     """Seed of the held-out split."""
     overwrite: bool = False
     """Replace an existing finished store."""
+    progress: bool = True
+    """Show a progress bar."""
 
     def __post_init__(self) -> None:
         checks = {
@@ -374,12 +405,14 @@ class ExploreConfig:
     """Write the concept explorer: a static site of top images with heatmaps for every concept."""
 
     run: tyro.conf.Positional[Path]
-    """Run directory (from `usae train`). RUN/report.json is reused when it was computed on STORE;
-    maximisations under RUN/maximize/ are shown on their concepts' pages."""
+    """Run directory (from `usae train`). A report of `usae evaluate` in RUN (report.json, or the
+    report-<store>.json of several stores) computed on all of STORE is reused; maximisations under
+    RUN/maximize/ are shown on their concepts' pages."""
     store: tyro.conf.Positional[Path]
     """Store made by `usae extract` (it records the images and the token grid)."""
     out: Path = Path("explorer")
-    """Site directory (index.html, concepts/, images/, ...); an earlier site there is replaced."""
+    """Site directory (index.html, concepts/, images/, ...); an earlier site there is replaced. Not
+    the run or the store, nor inside them."""
     n_top: int = 8
     """Top images per concept and model."""
     labels: Path | None = None

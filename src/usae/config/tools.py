@@ -22,8 +22,8 @@ class AblateConfig:
     """Directory for the runs (OUT/runs/<point>) and OUT/ablation.{csv,md}."""
     rules: tuple[Rule, ...] = ("random-source",)
     """Objectives / update rules to compare (see `usae train --help`)."""
-    n_models: tuple[int, ...] = (3,)
-    """Numbers of models: the first N models of each store."""
+    n_models: tuple[int, ...] | None = None
+    """Numbers of models: the first N models of each store (default: all of each store's models)."""
     n_latents: tuple[int, ...] = (512,)
     """Dictionary sizes."""
     k: tuple[int, ...] = (8,)
@@ -38,6 +38,19 @@ class AblateConfig:
     """Evaluate each run on at most this many rows."""
     device: str = "auto"
     """'auto', 'cpu', 'cuda'."""
+
+    def __post_init__(self) -> None:
+        checks = {
+            "stores": len(self.stores) >= 1,
+            "rules": len(self.rules) >= 1,
+            "n_models": self.n_models is None or (len(self.n_models) >= 1 and min(self.n_models) >= 1),
+            "n_latents": len(self.n_latents) >= 1 and min(self.n_latents) >= 1,
+            "k": len(self.k) >= 1 and min(self.k) >= 1,
+            "steps": self.steps >= 1,
+            "batch_size": self.batch_size >= 1,
+            "max_eval_rows": self.max_eval_rows is None or self.max_eval_rows >= 1,
+        }
+        refuse_invalid("ablate config", self, checks)
 
 
 @dataclass(frozen=True)
@@ -93,7 +106,8 @@ class EncodeConfig:
     store: tyro.conf.Positional[Path]
     """Paired activation store holding (at least) the run's models."""
     out: Path = Path("codes")
-    """Codes directory to create: metadata.json and <model>/{indices,values}-NNNNN.npy."""
+    """Codes directory to create: metadata.json and <model>/{indices,values}-NNNNN.npy. Not the run or
+    the store, nor inside them."""
     models: tuple[str, ...] | None = None
     """Models to encode (default: every model of the run)."""
     k: int | None = None
@@ -151,6 +165,8 @@ class ExportConfig:
     """Also upload to this Hugging Face Hub repo id (owner/name); needs network and a token."""
     private: bool = False
     """Create the Hub repo as private."""
+    overwrite: bool = False
+    """Replace an existing pretrained directory at --out (never a run or any other directory)."""
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from usae._io import one_line
+from usae._io import one_line, regular_file
 from usae.data.store_format import (
     DTYPES,
     FORMAT,
@@ -65,6 +65,8 @@ def _load_metadata(store_dir: Path) -> dict[str, Any]:
             f"open {store_dir.name.removesuffix(PARTIAL_SUFFIX)} once its writer has finished"
         )
     meta_path = store_dir / METADATA_NAME
+    if meta_path.exists():
+        regular_file(meta_path, METADATA_NAME)
     if not meta_path.is_file():
         raise UsaeError(f"store {store_dir} is not finalised (no {METADATA_NAME}); was its writer interrupted?")
     try:
@@ -118,6 +120,8 @@ def _check_fields(meta: dict[str, Any], where: Path) -> None:
 
 def _check_shard(path: Path, n_rows: int, d: int, dtype: np.dtype) -> None:
     """Check a shard's .npy header and file size without reading its data."""
+    if path.exists():  # a missing one is reported below
+        regular_file(path, "shard")
     try:
         size = path.stat().st_size
         with path.open("rb") as f:

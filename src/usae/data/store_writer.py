@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from usae._io import fsync_path, one_line, save_npy, write_durable
+from usae._io import dir_lock, fsync_path, one_line, save_npy, sibling_lock, write_durable
 from usae._version import __version__
 from usae.data.store_format import (
     DTYPES,
@@ -98,6 +98,9 @@ class StoreWriter:
         self.store_dir = Path(os.path.abspath(store_dir))
         self.partial_dir = self.store_dir.with_name(self.store_dir.name + PARTIAL_SUFFIX)
         self._check_target(overwrite)
+        # One writer per store (released when finalised or failed; dies with the process).
+        self._lock = contextlib.ExitStack()
+        self._lock.enter_context(dir_lock(sibling_lock(self.store_dir), f"store {self.store_dir}"))
 
         self._widths = {name: int(width) for name, width in widths.items()}
         self._dtype: str = dtype
@@ -216,6 +219,12 @@ class StoreWriter:
 
     def finalize(self) -> Path:
         """Write the last shard and metadata.json, fsync, and rename into place; returns the path."""
+        try:
+            return self._finalize()
+        finally:
+            self._lock.close()
+
+    def _finalize(self) -> Path:
         self._check_open()
         self._closed = True
         if self._n_rows == 0:
@@ -295,6 +304,7 @@ class StoreWriter:
                 self.finalize()
         elif not self._closed:
             self._closed = True
+            self._lock.close()
             logger.warning(
                 "writer failed; store %s not published, partial rows left in %s",
                 self.store_dir,

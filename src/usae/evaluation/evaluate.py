@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from usae._io import read_json, write_json_atomic
+from usae._io import check_output, output_dir, read_json, write_json_atomic
 from usae.config import EvalConfig, LabelConfig
 from usae.data.store import Store, open_store
 from usae.device import resolve_device
@@ -227,11 +227,17 @@ def evaluate(
 
 def evaluate_cli(cfg: EvalConfig) -> list[dict[str, Any]]:
     """``usae evaluate RUN STORE [STORE ...]``: one report.json per store, then report.md + figures."""
+    out_dir, json_paths = _report_paths(cfg)
+    # Reports go into the run or a directory of their own, never into a store or other artifact.
+    check_output(out_dir, ("", "usae-run"), reading=cfg.stores, replaces=False)
     sae = load(cfg.run, device=resolve_device(cfg.device))
+    with output_dir(out_dir):  # a failed evaluation leaves no empty --out
+        return _evaluate_into(cfg, sae, out_dir, json_paths)
+
+
+def _evaluate_into(cfg: EvalConfig, sae: UniversalSAE, out_dir: Path, json_paths: list[Path]) -> list[dict[str, Any]]:
     if cfg.report and cfg.label:
         _label_if_labelled(cfg)
-    out_dir, json_paths = _report_paths(cfg)
-    out_dir.mkdir(parents=True, exist_ok=True)
     reports = []
     for store, json_path in zip(cfg.stores, json_paths, strict=True):
         reports.append(

@@ -10,25 +10,25 @@ OUT/ablation.md.
 from __future__ import annotations
 
 import csv
-import dataclasses
+import io
 import itertools
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
 import jinja2
 
-from usae._io import read_json, write_json_atomic
-from usae.config import AblateConfig, TrainConfig
+from usae._io import read_json, write_json_atomic, write_text_atomic
+from usae.config import AblateConfig, TrainConfig, to_json_dict
 from usae.data.store import held_out_path, open_store
 from usae.errors import UsaeError
 from usae.evaluation.evaluate import evaluate
 from usae.run import finished_run
-from usae.training.fit import DATA_FIELDS, fit_many
+from usae.training.fit import DATA_FIELDS, FitResult, fit_many
 
 log = logging.getLogger(__name__)
 
+TOKENS_PER_S_NOTE = "training rows per second of this run's own steps; data loading excluded"
 COLUMNS = [
     "store",
     "rule",
@@ -51,20 +51,29 @@ _TABLE = jinja2.Template(
 
 
 def grid(cfg: AblateConfig) -> list[TrainConfig]:
-    """The TrainConfigs of the sweep, one per grid point, each with its own run directory."""
+    """The TrainConfigs of the sweep, one per grid point, each with its own run directory.
+
+    Without ``n_models`` every store contributes all of its models (so the sweep runs on any store).
+    """
     points = []
-    for store_dir, rule, n_models, n_latents, k in itertools.product(
-        cfg.stores, cfg.rules, cfg.n_models, cfg.n_latents, cfg.k
-    ):
+    for store_dir in cfg.stores:
         names = open_store(store_dir).model_names
+        points += _store_points(cfg, Path(store_dir), names)
+    return points
+
+
+def _store_points(cfg: AblateConfig, store_dir: Path, names: list[str]) -> list[TrainConfig]:
+    points = []
+    n_models_axis = cfg.n_models or (len(names),)
+    for rule, n_models, n_latents, k in itertools.product(cfg.rules, n_models_axis, cfg.n_latents, cfg.k):
         if n_models > len(names):
             raise UsaeError(f"--n-models {n_models}: store {store_dir} has only {len(names)} models")
         if k > n_latents:
             raise UsaeError(f"--k {k} exceeds --n-latents {n_latents}")
-        name = f"{Path(store_dir).name}-{rule}-m{n_models}-s{n_latents}-k{k}"
+        name = f"{store_dir.name}-{rule}-m{n_models}-s{n_latents}-k{k}"
         points.append(
             TrainConfig(
-                store=Path(store_dir),
+                store=store_dir,
                 out=cfg.out / "runs" / name,
                 models=tuple(names[:n_models]),
                 rule=rule,
@@ -82,18 +91,27 @@ def grid(cfg: AblateConfig) -> list[TrainConfig]:
 
 
 def _finished(point: TrainConfig) -> dict[str, Any] | None:
-    """The saved result of a grid point, if its run finished with this very configuration."""
+    """The saved result of a grid point, if its run finished with this very configuration.
+
+    A result saved before ``tokens_per_s`` was timed per run (it held its group's average, the same
+    on every row) keeps its numbers but loses that column.
+    """
     result_path = point.out / "ablation.json"
     if not result_path.is_file() or not (point.out / "report.json").is_file() or not finished_run(point.out, point):
         return None
     try:
-        return read_json(result_path, "ablation result")
+        row = read_json(result_path, "ablation result")
     except UsaeError:
         return None
+    if not isinstance(row, dict) or not set(COLUMNS) <= set(row):
+        return None
+    if row.get("notes", {}).get("tokens_per_s") != TOKENS_PER_S_NOTE:
+        row["tokens_per_s"] = None
+    return row
 
 
 def _row(
-    point: TrainConfig, report: dict[str, Any], held: dict[str, Any] | None, tokens_per_s: float
+    point: TrainConfig, report: dict[str, Any], held: dict[str, Any] | None, tokens_per_s: float | None
 ) -> dict[str, Any]:
     """One table row: in-sample numbers, and R² on the store's held-out images when it has them."""
     counts = report["classes"]["counts"]
@@ -110,28 +128,35 @@ def _row(
         "universal_pct": 100 * counts["universal"] / point.n_latents,
         "dead_pct": 100 * report["dead_fraction_all"],
         "tokens_per_s": tokens_per_s,
+        "notes": {"tokens_per_s": TOKENS_PER_S_NOTE},
     }
+
+
+def _tokens_per_s(result: FitResult, batch_size: int) -> float | None:
+    """Training tokens (rows) per second of one run's own steps: its step time only, so runs that
+    trained together in lockstep are compared fairly (data loading, shared by the group, is excluded)."""
+    if result.steps_timed <= 0 or result.step_seconds <= 0:
+        return None  # a resumed run with no step left to take
+    return result.steps_timed * batch_size / result.step_seconds
 
 
 def train_points(points: list[TrainConfig], max_eval_rows: int | None) -> list[dict[str, Any]]:
     """Train the points (all sharing DATA_FIELDS) in one pass over their store, then evaluate each on
     it and on its held-out store (``usae extract --val-fraction``) when there is one.
 
-    ``tokens_per_s`` of each point is its share of the group: steps * batch / (wall time / points).
+    ``tokens_per_s`` of each point is timed on its own steps (``FitResult.step_seconds``).
     """
-    t0 = time.perf_counter()
-    fit_many(points)
-    seconds_each = (time.perf_counter() - t0) / len(points)
+    results = fit_many(points)
     rows = []
     held_out = held_out_path(open_store(points[0].store))
-    for point in points:
+    for point, result in zip(points, results, strict=True):
         report = evaluate(point.out, point.store, max_rows=max_eval_rows, progress=False)
         held = None
         if held_out is not None:
             held = evaluate(
                 point.out, held_out, out=point.out / "report-held-out.json", max_rows=max_eval_rows, progress=False
             )
-        row = _row(point, report, held, point.steps * point.batch_size / seconds_each)
+        row = _row(point, report, held, _tokens_per_s(result, point.batch_size))
         write_json_atomic(point.out / "ablation.json", row)
         rows.append(row)
     return rows
@@ -158,12 +183,13 @@ def ablate(cfg: AblateConfig) -> list[dict[str, Any]]:
             rows[point.out] = row
     ordered = [rows[p.out] for p in points]
     cfg.out.mkdir(parents=True, exist_ok=True)
-    with (cfg.out / "ablation.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(ordered)
-    (cfg.out / "ablation.md").write_text(format_table(ordered))
-    write_json_atomic(cfg.out / "ablation-config.json", {k: str(v) for k, v in dataclasses.asdict(cfg).items()})
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=COLUMNS, extrasaction="ignore")  # a row's "notes" stay in its JSON
+    writer.writeheader()
+    writer.writerows(ordered)
+    write_text_atomic(cfg.out / "ablation.csv", text.getvalue())
+    write_text_atomic(cfg.out / "ablation.md", format_table(ordered))
+    write_json_atomic(cfg.out / "ablation-config.json", to_json_dict(cfg))
     return ordered
 
 
@@ -175,4 +201,4 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             return "–"
         return f"{v:.3f}" if isinstance(v, float) else str(v)
 
-    return _TABLE.render(columns=COLUMNS, rows=rows, fmt=fmt)
+    return _TABLE.render(columns=COLUMNS, rows=rows, fmt=fmt) + f"\ntokens_per_s: {TOKENS_PER_S_NOTE}.\n"

@@ -20,6 +20,7 @@ browser's bilinear filter; ``overlay`` renders the same picture in Python.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +33,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from usae._io import one_line
 from usae.data.store import Store, open_store
 from usae.errors import UsaeError
 from usae.extraction.images import ImageLayout, image_layout, load_source_image, source_of
@@ -77,6 +79,25 @@ class Heatmap(NamedTuple):
     """(S, S, 3) uint8: the canonical view the tokens tile."""
     overlay: Image.Image
     """The view with the upsampled heat drawn over it."""
+
+
+# -- writing the site ------------------------------------------------------------------------------
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[Path]:
+    """Make any OSError while writing ``path`` (disk full, read-only, ...) a one-line UsaeError naming it.
+
+    A write that fails mid-file (ENOSPC) carries no file name of its own; this one does.
+    """
+    try:
+        yield path
+    except OSError as e:
+        raise UsaeError(f"{path}: could not write ({e.strerror or one_line(e)})") from None
+
+
+def write_page(path: Path, text: str) -> None:
+    """A page (UTF-8 text) of the site; a failed write is a one-line UsaeError naming ``path``."""
+    with writing(path):
+        path.write_text(text, encoding="utf-8")
 
 
 # -- the store's image layout ---------------------------------------------------------------------

@@ -21,6 +21,7 @@ from usae.config import ExploreConfig
 from usae.data.store import Store
 from usae.errors import UsaeError
 from usae.evaluation.labeling import ARTIFACT_TOP, LABELS_JSON, concept_names
+from usae.explorer.concepts import write_page, writing
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +231,8 @@ def label_pages(
 ) -> list[dict[str, Any]]:
     """labels/<slug>.html: per family and model, the concepts whose best label it is; and labels/index.html."""
     names = common["names"]
-    (site / "labels").mkdir()
+    with writing(site / "labels"):
+        (site / "labels").mkdir()
     by_id = {c["id"]: c for c in concepts}
     pages: dict[str, list[dict[str, Any]]] = {}
     families = []
@@ -261,11 +263,11 @@ def label_pages(
     template = env.get_template("label.html")
     for name, sections in pages.items():
         page = template.render(**common, root="../", title=f"Label {name}", name=name, sections=sections)
-        (site / "labels" / f"{slugs[name]}.html").write_text(page)
+        write_page(site / "labels" / f"{slugs[name]}.html", page)
     index = env.get_template("labels_index.html").render(
         **common, root="../", title="Labels", families=families, scored=scored
     )
-    (site / "labels" / "index.html").write_text(index)
+    write_page(site / "labels" / "index.html", index)
     return families
 
 

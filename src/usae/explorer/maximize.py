@@ -124,17 +124,46 @@ class MaximizeResult(NamedTuple):
 
 
 def run_store(run: str | Path, store: str | Path | Store | None) -> Store:
-    """``store``, or the store the run was trained on (RUN/config.json: store.path)."""
+    """``store``, or the store the run was trained on (RUN/config.json: store.path, see :func:`trained_store_dir`)."""
     if isinstance(store, Store):
         return store
-    if store is None:
-        path = read_run_config(Path(run)).get("store", {}).get("path")
-        if not path or not Path(path).is_dir():
-            raise UsaeError(
-                f"{Path(run) / 'config.json'}: field 'store.path' ({path}) is not a store here; pass --store"
-            )
-        store = path
-    return open_store(store)
+    return open_store(trained_store_dir(run) if store is None else store)
+
+
+def trained_store_dir(run: str | Path) -> Path:
+    """The directory of the store a run was trained on, from any working directory.
+
+    RUN/config.json records it absolute; a relative path (older runs) is tried against the current
+    directory and then the run directory's parent and each of its parents, keeping the first
+    directory whose store has the recorded content hash (any store when no hash is recorded).
+    One-line UsaeError when none is found.
+    """
+    where = Path(run) / "config.json"
+    recorded = read_run_config(Path(run), ("usae-run", "usae-pretrained"), older_ok=True).get("store") or {}
+    path = recorded.get("path")
+    if not isinstance(path, str) or not path:
+        raise UsaeError(f"{where}: records no store (field 'store.path'); pass --store")
+    given = Path(path).expanduser()
+    if given.is_absolute():
+        if given.is_dir():
+            return given
+        raise UsaeError(f"{where}: field 'store.path' ({path}) is not a store here; pass --store")
+    run_abs = Path(run).absolute()
+    for base in dict.fromkeys([Path.cwd(), run_abs.parent, *run_abs.parent.parents]):
+        if (base / given).is_dir() and _has_hash(base / given, recorded.get("hash")):
+            return base / given
+    raise UsaeError(
+        f"{where}: field 'store.path' ({path}) is relative and no store with the run's hash was found from the "
+        "current directory or the run's parent directories; pass --store"
+    )
+
+
+def _has_hash(store_dir: Path, expected: str | None) -> bool:
+    """Whether ``store_dir`` is a store with content hash ``expected`` (any store when None)."""
+    try:
+        return expected is None or open_store(store_dir).hash == expected
+    except UsaeError:
+        return False
 
 
 def load_backbones(store: Store, names: list[str], device: torch.device) -> dict[str, nn.Module]:
@@ -376,18 +405,23 @@ def result_json(result: MaximizeResult) -> dict[str, Any]:
 
 def write_maximization(result: MaximizeResult, out_root: str | Path, concept: int | None = None) -> Path:
     """``OUT/concept-<k>/``: one PNG per model, panel.png and maximize.json; returns the directory."""
+    from usae.explorer.concepts import writing
+
     out = concept_dir(out_root, result.concept if concept is None else concept)
-    out.mkdir(parents=True, exist_ok=True)
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
     data = result_json(result)
     for name, img in result.images.items():
-        img.save(out / data["models"][name]["png"])
+        with writing(out / data["models"][name]["png"]) as path:
+            img.save(path)
     captions = {}
     for name, entry in data["models"].items():
         lines = [f"{entry['start_activation']:.3g} -> {entry['activation']:.3g}"]
         if entry["superstimulus"] is not None:
             lines.append(f"{entry['superstimulus']:.2g}x best photo")
         captions[name] = "\n".join(lines)
-    panel(result.images, captions).save(out / "panel.png")
+    with writing(out / "panel.png") as path:
+        panel(result.images, captions).save(path)
     write_json_atomic(out / RESULT_NAME, data)
     return out
 

@@ -20,7 +20,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from usae._io import read_json
+from usae._io import check_output, output_dir, read_json
 from usae.config import ExploreConfig
 from usae.data.store import Store
 from usae.errors import UsaeError
@@ -40,6 +40,8 @@ from usae.explorer.concepts import (
     load_view,
     open_run_store,
     scan_top_images,
+    write_page,
+    writing,
 )
 from usae.explorer.labels import (
     ConceptLabels,
@@ -73,19 +75,40 @@ def _environment() -> jinja2.Environment:
 
 
 def _run_report(cfg: ExploreConfig, sae: UniversalSAE, store: Store) -> dict[str, Any]:
-    """RUN/report.json when it was computed on this store, else a fresh ``evaluate`` (not saved to RUN)."""
-    path = Path(cfg.run) / "report.json"
-    if path.is_file():
-        report = read_json(path, "report")
-        same = report.get("store", {}).get("hash") == store.hash and report.get("model_names") == sae.model_names
-        if same and report.get("n_rows") == store.n_rows:
-            return report
+    """The run's report computed on this store (:func:`find_report`), else a fresh ``evaluate`` (not saved)."""
+    found = find_report(Path(cfg.run), sae.model_names, store)
+    if found is not None:
+        log.info("using %s", found[0])
+        return found[1]
     log.info("no report for this store in %s; evaluating", cfg.run)
     return evaluate(sae, store, out=None, progress=cfg.progress)
 
 
+def find_report(run: Path, model_names: list[str], store: Store) -> tuple[Path, dict[str, Any]] | None:
+    """(path, report) of RUN/report.json or a RUN/report-<store>.json (``usae evaluate RUN S1 S2``)
+    computed on every row of ``store`` (its content hash, not its path) for these models; None if none is.
+
+    The name is only a hint: report.json is tried first, then the one named after the store's directory.
+    """
+    hint = f"report-{store.path.name}"
+    candidates = sorted(run.glob("report*.json"), key=lambda p: (p.name != "report.json", not p.stem.startswith(hint)))
+    for path in candidates:
+        try:
+            report = read_json(path, "report")
+        except UsaeError as e:
+            log.warning("%s; skipped", e)
+            continue
+        if not isinstance(report, dict) or not isinstance(report.get("store"), dict):
+            continue
+        same = report["store"].get("hash") == store.hash and report.get("model_names") == model_names
+        if same and report.get("n_rows") == store.n_rows and "classes" in report:
+            return path, report
+    return None
+
+
 def _write_figures(report: dict[str, Any], fig_dir: Path) -> list[dict[str, str]]:
-    fig_dir.mkdir()
+    with writing(fig_dir):
+        fig_dir.mkdir()
     reports, labels = [report], store_labels([report])
     thresholds = concept_classes.thresholds_of(report)
     table = concept_classes.class_counts(report, concept_classes.classify(report, thresholds), thresholds)
@@ -103,7 +126,8 @@ def _write_figures(report: dict[str, Any], fig_dir: Path) -> list[dict[str, str]
     }
     out = []
     for stem, (title, fig) in figures.items():
-        fig.savefig(fig_dir / f"{stem}.png", dpi=80)
+        with writing(fig_dir / f"{stem}.png") as path:
+            fig.savefig(path, dpi=80)
         out.append({"src": f"figures/{stem}.png", "title": title})
     return out
 
@@ -154,11 +178,13 @@ def _maximizations(max_dir: Path, site_dir: Path, names: list[str]) -> dict[int,
             continue
         k, result = int(m[1]), read_json(src / RESULT_NAME, "maximisation result")
         dst = site_dir / "max" / str(k)
-        dst.mkdir(parents=True)
+        with writing(dst):
+            dst.mkdir(parents=True)
         models = []
         for name, r in result.get("models", {}).items():
             if name in names and (src / r["png"]).is_file():
-                shutil.copy2(src / r["png"], dst / r["png"])
+                with writing(dst / r["png"]):
+                    shutil.copy2(src / r["png"], dst / r["png"])
                 models.append({"name": name, "src": f"../max/{k}/{r['png']}", **r})
         if models:
             found[k] = {
@@ -181,7 +207,8 @@ def _save_thumb(store: Store, j: int, path: Path) -> None:
     img = Image.fromarray(view)
     if img.width > THUMB_SIZE:
         img = img.resize((THUMB_SIZE, THUMB_SIZE), Image.Resampling.BICUBIC)
-    img.save(path, quality=88)
+    with writing(path):
+        img.save(path, quality=88)
 
 
 def build_site(cfg: ExploreConfig, site: Path) -> None:
@@ -196,11 +223,13 @@ def build_site(cfg: ExploreConfig, site: Path) -> None:
         _maximize_top(cfg, report, labels)
     env, names = _environment(), sae.model_names
     for sub in ("concepts", "images", "img", "assets"):
-        (site / sub).mkdir()
+        with writing(site / sub):
+            (site / sub).mkdir()
     for asset in ("explorer.css", "explorer.js"):
-        shutil.copy2(Path(__file__).parent / "templates" / asset, site / "assets" / asset)
+        with writing(site / "assets" / asset):
+            shutil.copy2(Path(__file__).parent / "templates" / asset, site / "assets" / asset)
     # the heatmap colours, shared with overlay(); a script file, since file:// pages cannot fetch JSON
-    (site / "assets" / "colormap.js").write_text(f"window.USAE_LUT = {json.dumps(colormap_lut().tolist())};\n")
+    write_page(site / "assets" / "colormap.js", f"window.USAE_LUT = {json.dumps(colormap_lut().tolist())};\n")
     figures = _write_figures(report, site / "figures")
     top = scan_top_images(sae, store, cfg.n_top, batch_images=cfg.batch_images, progress=cfg.progress)
     slugs = label_slugs(all_label_names(labels.scored)) if labels.scored else {}
@@ -210,7 +239,8 @@ def build_site(cfg: ExploreConfig, site: Path) -> None:
     maxi = _maximizations(Path(cfg.run) / "maximize", site, names)
     _concept_pages(top, concepts, heat_et, ent, layout, maxi, env, common, site, cfg.progress)
     label_families = label_pages(labels.scored, concepts, slugs, env, common, site) if labels.scored else []
-    (site / "index.html").write_text(
+    write_page(
+        site / "index.html",
         env.get_template("index.html").render(
             **common,
             root="",
@@ -226,7 +256,7 @@ def build_site(cfg: ExploreConfig, site: Path) -> None:
             labels_same_store=same_store(labels.scored, store),
             artifacts=artifact_summary(concepts) if labels.scored and labels.scored["artifacts"] else None,
             artifact_top=ARTIFACT_TOP,
-        )
+        ),
     )
 
 
@@ -261,7 +291,7 @@ def _image_pass(cfg, sae, store, top, concepts, report_tau, env, common, site) -
                 page = template.render(
                     **common, root="../", title=f"Image {j}", j=j, image_id=layout.image_ids[j], seen=seen[loc]
                 )
-                (site / "images" / f"{j}.html").write_text(page)
+                write_page(site / "images" / f"{j}.html", page)
             for future in thumbs:
                 future.result()
             bar.update(len(chunk))
@@ -328,7 +358,7 @@ def _concept_pages(top, concepts, heat_et, ent, layout, maxi, env, common, site,
         firsts = [columns[c["thumb_model"]]["cards"][:1], *(col["cards"][:1] for col in columns)]
         c["thumb"] = next((f[0] for f in firsts if f), None)
         page = template.render(**common, root="../", title=f"Concept {k}", c=c, columns=columns, maxi=maxi.get(k))
-        (site / "concepts" / f"{k}.html").write_text(page)
+        write_page(site / "concepts" / f"{k}.html", page)
 
 
 def _maximize_top(cfg: ExploreConfig, report: dict[str, Any], labels: ConceptLabels) -> None:
@@ -375,22 +405,33 @@ def explore(
 
 
 def explore_cli(cfg: ExploreConfig) -> Path:
-    """``usae explore``: build the site in a temporary sibling directory, then move it into place."""
-    out = Path(cfg.out).absolute()
-    if out.exists() and not (out.is_dir() and ((out / SITE_MARKER).is_file() or not any(out.iterdir()))):
+    """``usae explore``: build the site in a temporary sibling directory, then move it into place.
+
+    --out is checked before anything is written: not the run or the store (nor inside or around
+    them), and either absent, empty or an earlier explorer site (which is replaced). A failed
+    build leaves neither the partial site nor a newly created empty parent directory.
+    """
+    out = check_output(cfg.out, "", overwrite=True, reading=(cfg.run, cfg.store), replaces=False)
+    if out.exists() and not ((out / SITE_MARKER).is_file() or not any(out.iterdir())):
         raise UsaeError(f"{out} exists and is not a concept explorer site; refusing to replace it")
     tmp = out.with_name(f"{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     started = time.perf_counter()
-    try:
-        build_site(cfg, tmp)
-    except BaseException:
+    with output_dir(out.parent):
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    (tmp / SITE_MARKER).write_text("usae concept explorer\n")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+        try:
+            with writing(tmp):
+                tmp.mkdir()
+            build_site(cfg, tmp)
+            write_page(tmp / SITE_MARKER, "usae concept explorer\n")
+        except OSError as e:  # a write no helper named (writing() covers the site's own files)
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise UsaeError(f"{e.filename or tmp}: could not write ({e.strerror or e}); {out} is unchanged") from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        with writing(out):
+            if out.exists():
+                shutil.rmtree(out)
+            tmp.rename(out)
     log.info("wrote concept explorer %s in %.1f s", out / "index.html", time.perf_counter() - started)
     return out / "index.html"

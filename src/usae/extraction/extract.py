@@ -29,12 +29,12 @@ import torch
 from tqdm.auto import tqdm
 
 from usae import distributed
-from usae._io import publish_dir, read_json, save_npy, write_json_atomic
+from usae._io import check_output, output_dir, publish_dir, read_json, save_npy, write_json_atomic
 from usae.config import ExtractConfig, to_json_dict
 from usae.data.store import StoreWriter
 from usae.device import resolve_device
 from usae.errors import UsaeError
-from usae.extraction.backbones import Backbone, load_backbone
+from usae.extraction.backbones import Backbone, check_alias, check_spec, load_backbone
 from usae.extraction.images import BadImage, ImageSet, alpha_cropped, canonical_view, open_images
 from usae.extraction.labels import demo_descriptions, image_labels, split_images
 
@@ -108,6 +108,14 @@ def _prepare_parts_dir(parts_dir: Path, plan: dict) -> None:
 
 def _part_name(p: int) -> str:
     return f"part-{p:05d}"
+
+
+def _empty_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+
+
+def _any_finished_part(parts_dir: Path) -> bool:
+    return any(p.name.startswith("part-") and p.suffix != ".tmp" and p.is_dir() for p in parts_dir.iterdir())
 
 
 def _load_view(images: ImageSet, j: int, size: int) -> tuple[int, np.ndarray | None, str]:
@@ -207,7 +215,7 @@ def _finalize(ctx: dict, n_parts: int) -> Path:
     labels = image_labels(images, cfg.labels, cfg.label_column) if cfg.labels else None
     descriptions = demo_descriptions(images)
     held = split_images([labels[j] for j in kept] if labels else None, len(kept), cfg.val_fraction, cfg.val_seed)
-    outs = {"train": Path(cfg.out)} | ({"val": val_store_path(cfg.out)} if held.any() else {})
+    outs = {"train": ctx["out"]} | ({"val": val_store_path(ctx["out"])} if held.any() else {})
     writers = {}
     for split, out in outs.items():
         members = [j for j, h in zip(kept, held, strict=True) if h == (split == "val")]
@@ -239,10 +247,10 @@ def _finalize(ctx: dict, n_parts: int) -> Path:
             tokens_per_image=grid[0] * grid[1],
             grid=grid,
             extra=extra,
-            overwrite=cfg.overwrite,
+            overwrite=cfg.overwrite or _empty_dir(out),  # an empty directory made for the store is no store
         )
     t, split_of = grid[0] * grid[1], dict(zip(kept, held, strict=True))
-    for p in tqdm(range(n_parts), desc="finalise store", unit="part", disable=n_parts < 4):
+    for p in tqdm(range(n_parts), desc="finalise store", unit="part", disable=n_parts < 4 or not cfg.progress):
         part_dir = parts_dir / _part_name(p)
         part_kept = read_json(part_dir / "ids.json", "extraction part")["kept"]
         if not part_kept:
@@ -262,18 +270,64 @@ def _finalize(ctx: dict, n_parts: int) -> Path:
     return paths["train"]
 
 
+def _model_names(cfg: ExtractConfig, backbones: list[Backbone] | None) -> list[str]:
+    """Every model's name, checked (safe as a file name, unique ignoring case) before anything loads."""
+    if backbones is None:
+        names = [check_spec(spec)[1] for spec in cfg.models]
+    else:
+        names = [check_alias(b.name, b.spec) for b in backbones]
+    if not names:
+        raise UsaeError("no models given (--models SPEC ...)")
+    if len({n.lower() for n in names}) != len(names):
+        raise UsaeError(f"two models share a name ({', '.join(names)}); give aliases: NAME=SPEC")
+    return names
+
+
+def _check_outputs(cfg: ExtractConfig) -> Path:
+    """Refuse, before anything is loaded or written, an --out (or its OUT-val twin) that would clobber."""
+    out = check_output(cfg.out, "usae-store", overwrite=cfg.overwrite, reading=(), replaces=True)
+    if (out / "metadata.json").is_file() and not cfg.overwrite:
+        raise UsaeError(f"store {out} already exists; pass --overwrite to replace it")
+    if cfg.val_fraction > 0:
+        val = val_store_path(out)
+        check_output(
+            val, "usae-store", overwrite=cfg.overwrite, replaces=True, flag=f"--out {cfg.out}: its held-out store"
+        )
+        if (val / "metadata.json").is_file() and not cfg.overwrite:
+            raise UsaeError(f"held-out store {val} already exists; pass --overwrite to replace it")
+    parts = parts_dir_for(out)
+    foreign = (parts.exists() or parts.is_symlink()) and not (parts / PLAN_NAME).is_file()
+    if foreign and (not parts.is_dir() or any(parts.iterdir())):
+        raise UsaeError(f"{parts}: is in the way of the extraction's work directory (it holds no {PLAN_NAME})")
+    return out
+
+
 def extract(cfg: ExtractConfig, backbones: list[Backbone] | None = None) -> Path:
     """Extract ``cfg.models`` on ``cfg.images`` into the store ``cfg.out``; resumable; torchrun-aware.
 
     ``backbones`` (Python only) replaces ``cfg.models`` with ready :class:`Backbone` objects, e.g. a
-    ``TorchBackbone`` around your own module and layer.
+    ``TorchBackbone`` around your own module and layer. Model names and the output paths are
+    checked before any model is loaded or any file written; a failed run leaves no empty directory
+    (only ``OUT.parts/`` once a part is finished, for the rerun to resume from).
     """
-    out = Path(os.path.abspath(cfg.out))
-    if (out / "metadata.json").is_file() and not cfg.overwrite:
-        raise UsaeError(f"store {out} already exists; pass --overwrite to replace it")
-    if not cfg.models and not backbones:
-        raise UsaeError("no models given (--models SPEC ...)")
+    _model_names(cfg, backbones)
+    out = _check_outputs(cfg)
     world, device = distributed.init(resolve_device(cfg.device))
+    parts_dir = parts_dir_for(out)
+    fresh = not parts_dir.exists()
+    with output_dir(out.parent):
+        try:
+            return _extract(cfg, out, backbones, world, device)
+        except BaseException:
+            # nothing finished yet: the work directory holds only the plan; leave no trace
+            if world.is_main and fresh and parts_dir.is_dir() and not _any_finished_part(parts_dir):
+                shutil.rmtree(parts_dir, ignore_errors=True)
+            raise
+
+
+def _extract(
+    cfg: ExtractConfig, out: Path, backbones: list[Backbone] | None, world: distributed.World, device: torch.device
+) -> Path:
     images = open_images(cfg.images, cfg.split, cfg.column)
     images = alpha_cropped(images) if cfg.alpha_crop else images
     chosen = select_images(len(images), cfg.max_images)
@@ -281,9 +335,6 @@ def extract(cfg: ExtractConfig, backbones: list[Backbone] | None = None) -> Path
         backbones = [load_backbone(spec, pretrained=not cfg.random_init, device=device) for spec in cfg.models]
     else:
         backbones = [b.to(device).probe() for b in backbones]
-    names = [b.name.lower() for b in backbones]
-    if len(set(names)) != len(names):
-        raise UsaeError(f"two models share a name ({', '.join(b.name for b in backbones)}); give aliases: NAME=SPEC")
     grid = common_grid(backbones, cfg.grid)
     view = cfg.view_size or max(b.input_size for b in backbones)
     parts_dir = parts_dir_for(out)
@@ -295,13 +346,14 @@ def extract(cfg: ExtractConfig, backbones: list[Backbone] | None = None) -> Path
     n_parts = math.ceil(len(chosen) / per)
     todo = [p for p in range(n_parts) if p % world.size == world.rank and not (parts_dir / _part_name(p)).is_dir()]
     n_todo = sum(len(chosen[p * per : (p + 1) * per]) for p in todo)
-    ctx = dict(cfg=cfg, backbones=backbones, grid=grid, view=view, images=images, device=device, parts_dir=parts_dir)
+    ctx = dict(cfg=cfg, out=out, backbones=backbones, grid=grid, view=view, images=images, device=device)
+    ctx["parts_dir"] = parts_dir
     log.info(
         "extracting %d images × %d models (%s) on a %dx%d grid; %d of %d parts to do",
         len(chosen), len(backbones), ", ".join(f"{b.name} d={b.width}" for b in backbones), *grid, len(todo), n_parts,
     )  # fmt: skip
     start = time.perf_counter()
-    bar = tqdm(total=n_todo, desc="extract", unit="img", disable=not world.is_main or None)
+    bar = tqdm(total=n_todo, desc="extract", unit="img", disable=not (cfg.progress and world.is_main))
     with ThreadPoolExecutor(cfg.decode_threads) as pool:
         for p in todo:
             _run_part(ctx, p, chosen[p * per : (p + 1) * per], pool, bar)

@@ -21,6 +21,7 @@ its own input resolution and normalises it, so a model's token grid always tiles
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -143,6 +144,8 @@ class FileImages(ImageSet):
         self.root = root
         self.alpha_crop = bool(description.get("alpha_crop", False))
         """Images with transparency are cropped to their visible pixels (``usae extract --alpha-crop``)."""
+        self.not_images: dict[str, int] = {}
+        """A folder source's other files by extension (most frequent first), which are not read."""
 
     def path(self, j: int) -> Path:
         return self.root / self.ids[j] if self.root is not None else Path(self.ids[j])
@@ -187,12 +190,30 @@ def folder_images(root: str | Path) -> FileImages:
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
         raise UsaeError(f"{root}: not a directory of images")
-    ids = sorted(
-        p.relative_to(root).as_posix() for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-    )
+    ids: list[str] = []
+    others: Counter[str] = Counter()
+    for p in root.rglob("*"):
+        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
+            ids.append(p.relative_to(root).as_posix())
+        elif p.is_file():
+            others[p.suffix.lower() or "(no extension)"] += 1
     if not ids:
         raise UsaeError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
-    return FileImages(ids, root, {"kind": "folder", "root": str(root)})
+    images = FileImages(sorted(ids), root, {"kind": "folder", "root": str(root)})
+    images.not_images = dict(others.most_common())
+    return images
+
+
+def log_not_images(images: ImageSet) -> None:
+    """One log line for the files of a folder source that are not images (they are not extracted)."""
+    counts = getattr(images, "not_images", None)
+    if not counts:
+        return
+    shown = ", ".join(f"{ext} {n}" for ext, n in list(counts.items())[:6]) + (", …" if len(counts) > 6 else "")
+    log.warning(
+        "skipped %d files that are not images (%s); images are %s",
+        sum(counts.values()), shown, " ".join(IMAGE_SUFFIXES),
+    )  # fmt: skip
 
 
 def path_images(paths: Sequence[str | Path]) -> FileImages:
@@ -270,7 +291,9 @@ def open_images(spec: str | Path | Sequence[str | Path], split: str = "train", c
     if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "state.json").is_file()):
         return dataset_images(text, split, column)
     if path.is_dir():
-        return folder_images(path)
+        images = folder_images(path)
+        log_not_images(images)
+        return images
     if path.is_file() and path.suffix.lower() == ".txt":
         lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
         return path_images([(path.parent / ln) if not Path(ln).is_absolute() else ln for ln in lines])

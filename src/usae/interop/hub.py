@@ -22,12 +22,12 @@ from typing import Any
 
 import torch
 
-from usae._io import save_tensors_atomic, write_json_atomic, write_text_atomic
+from usae._io import check_output, output_dir, save_tensors_atomic, write_json_atomic, write_text_atomic
 from usae._version import __version__
 from usae.config import to_json_dict
 from usae.errors import UsaeError
 from usae.model.sae import UniversalSAE
-from usae.run import CONFIG_NAME, MODEL_NAME, SCHEMA_VERSION, read_run_config
+from usae.run import CONFIG_NAME, MODEL_NAME, SCHEMA_VERSION, read_run_config, run_reports
 from usae.run import load as load_artifact
 
 log = logging.getLogger(__name__)
@@ -106,8 +106,8 @@ def save_pretrained(
     """
     if dtype not in DTYPES:
         raise UsaeError(f"save_pretrained: dtype must be one of {list(DTYPES)}, got {dtype!r}")
-    save_dir = Path(save_dir)
-    _check_target(save_dir)
+    # An existing pretrained directory is replaced file by file; a run or any other directory is refused.
+    save_dir = check_output(save_dir, FORMAT, overwrite=True, flag="save_pretrained")
     cfg = pretrained_config(sae, dtype=dtype, models_info=models_info, train=train, data=data, metrics=metrics)
     save_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in sae.state_dict().items()}
@@ -118,22 +118,6 @@ def save_pretrained(
     if push_to_hub is not None:
         upload(save_dir, push_to_hub, private=private)
     return save_dir
-
-
-def _check_target(save_dir: Path) -> None:
-    if not save_dir.exists():
-        return
-    if not save_dir.is_dir():
-        raise UsaeError(f"{save_dir}: exists and is not a directory")
-    config_path = save_dir / CONFIG_NAME
-    if not any(save_dir.iterdir()):
-        return
-    try:
-        fmt = json.loads(config_path.read_text()).get("format")
-    except (OSError, ValueError, AttributeError, RecursionError):
-        fmt = None
-    if fmt not in (FORMAT, "usae-run"):
-        raise UsaeError(f"{save_dir}: exists and is not a usae artifact; refusing to write into it")
 
 
 def from_pretrained(
@@ -203,33 +187,41 @@ def export_run(
     dtype: str = "float32",
     push_to_hub: str | None = None,
     private: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """``save_pretrained`` of a trained run, with its training summary, store details and report.
 
-    Headline metrics come from RUN/report.json when present (``usae evaluate`` writes it); model
-    details from the store's ``extra["backbones"]`` (written by ``usae extract``) when the store is still there.
+    Headline metrics come from the run's reports when present (``usae evaluate`` writes report.json,
+    or report-<store>.json per store; a held-out store's is preferred); model details from the store's ``extra["backbones"]`` (written by ``usae extract``) when the store is still there.
+    Refuses, before writing anything, an ``out`` that is the run (or inside it, or contains it), any
+    other artifact, or an existing non-empty directory unless ``overwrite`` (and then only a
+    pretrained directory). A failed export leaves no empty ``out``.
     """
     run_dir = Path(run_dir)
+    out = check_output(out, FORMAT, overwrite=overwrite, reading=(run_dir,))
+    if not overwrite and out.is_dir() and any(out.iterdir()):
+        raise UsaeError(f"--out {out}: already holds a pretrained directory; pass --overwrite to replace it")
     run_cfg = read_run_config(run_dir, ("usae-run",), older_ok=True)
     sae = load_artifact(run_dir)
     store = run_cfg.get("store") if isinstance(run_cfg.get("store"), dict) else {}
     data = {k: store.get(k) for k in ("hash", "n_rows") if k in store}
     models_info = _store_models_info(store.get("path"), sae.model_names, data)
-    metrics = _headline(run_dir / "report.json")
+    metrics = _headline(run_reports(run_dir))
     train = run_cfg.get("train") if isinstance(run_cfg.get("train"), dict) else None
     if isinstance(run_cfg.get("imported_from"), dict):
         data["imported_from"] = run_cfg["imported_from"]
-    return save_pretrained(
-        sae,
-        out,
-        dtype=dtype,
-        models_info=models_info,
-        train=train,
-        data=data,
-        metrics=metrics,
-        push_to_hub=push_to_hub,
-        private=private,
-    )
+    with output_dir(out):
+        return save_pretrained(
+            sae,
+            out,
+            dtype=dtype,
+            models_info=models_info,
+            train=train,
+            data=data,
+            metrics=metrics,
+            push_to_hub=push_to_hub,
+            private=private,
+        )
 
 
 def _store_models_info(store_path: Any, names: list[str], data: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -253,20 +245,27 @@ def _store_models_info(store_path: Any, names: list[str], data: dict[str, Any]) 
     return {n: dict(backbones[n]) for n in names if isinstance(backbones.get(n), dict)}
 
 
-def _headline(report_path: Path) -> dict[str, Any] | None:
-    if not report_path.is_file():
+def _headline(report_paths: list[Path]) -> dict[str, Any] | None:
+    """Headline numbers of the run's reports: a held-out store's first, else the first readable one."""
+    reports = []
+    for path in report_paths:
+        try:
+            report = json.loads(path.read_text())
+        except (OSError, ValueError, RecursionError):
+            log.warning("%s is unreadable; not used for the card's metrics", path)
+            continue
+        if isinstance(report, dict):
+            reports.append(report)
+    if not reports:
         return None
-    try:
-        report = json.loads(report_path.read_text())
-    except (OSError, ValueError, RecursionError):
-        log.warning("%s is unreadable; the card has no metrics", report_path)
-        return None
-    if not isinstance(report, dict):
-        return None
+    report = next((r for r in reports if (r.get("store") or {}).get("trained_on") is False), reports[0])
     out = {k: report[k] for k in HEADLINE_KEYS if k in report}
     classes = report.get("classes")
     if isinstance(classes, dict) and isinstance(classes.get("counts"), dict):
         out["concept_classes"] = classes["counts"]
+    store = report.get("store") if isinstance(report.get("store"), dict) else {}
+    if out and isinstance(store.get("path"), str):
+        out["measured_on"] = {"store": store["path"], "held_out": store.get("trained_on") is False}
     return out or None
 
 
@@ -352,6 +351,10 @@ def _metric_lines(metrics: Any, names: list[str]) -> list[str]:
         lines += ["", "| model | " + " | ".join(per_model) + " |", "|---|" + "---|" * len(per_model)]
         for n in names:
             lines.append(f"| {n} | " + " | ".join(_num(metrics[k].get(n)) for k in per_model) + " |")
+    where = metrics.get("measured_on")
+    if isinstance(where, dict) and isinstance(where.get("store"), str):
+        split = "held-out images" if where.get("held_out") else "images it was trained on"
+        lines += ["", f"Measured on store `{where['store']}` ({split})."]
     if isinstance(metrics.get("concept_classes"), dict):
         counts = ", ".join(f"{k} {v}" for k, v in metrics["concept_classes"].items())
         lines += ["", f"Concepts by class: {counts}."]

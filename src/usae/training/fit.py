@@ -1,15 +1,18 @@
 """``fit``/``fit_many``: train UniversalSAEs on a store, one batch read once for all runs.
 
 The loop around ``train_step`` (step.py): build or restore each run (run_dir.py, checkpoints.py),
-read batches (data/loader.py), step, count dead latents, log metrics.jsonl, save checkpoints.
+read batches (data/loader.py), step, count dead latents, log metrics.jsonl (and to --log trackers,
+trackers.py), save checkpoints, time each run's own steps.
 Under torchrun every rank runs this; only rank 0 writes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -29,8 +32,9 @@ from usae.model.sae import UniversalSAE
 from usae.run import load, save_run
 from usae.training.checkpoints import load_checkpoint, save_checkpoint
 from usae.training.rules import sources_at
-from usae.training.run_dir import RunDir
+from usae.training.run_dir import RunDir, claim_run_dirs
 from usae.training.step import StepStats, lr_at, train_step
+from usae.training.trackers import Trackers, open_trackers, require
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +56,12 @@ class FitResult(NamedTuple):
     """Where config.json, model.safetensors and metrics.jsonl were written."""
     last_metrics: dict[str, float]
     """The last metrics.jsonl record."""
+    step_seconds: float = 0.0
+    """Seconds this run spent in its own steps in this process (train step, dead check, log record,
+    checkpoints; data loading excluded, so runs trained together by ``fit_many`` are compared fairly).
+    On CUDA, the GPU's time between events around each step."""
+    steps_timed: int = 0
+    """Steps timed in ``step_seconds``: those this process ran (after a resume, from its checkpoint)."""
 
 
 def _normalization(store: Store, name: str, mode: str) -> tuple[Tensor, Tensor]:
@@ -133,7 +143,15 @@ def fit_many(cfgs: list[TrainConfig]) -> list[FitResult]:
 
     The configs may differ in anything but ``DATA_FIELDS`` (rule, n_latents, k, lr, ...), and must
     all start fresh or all resume from the same step. Each run's result equals training it alone.
+    Every run directory is checked and locked (one writer each) before anything is written.
     """
+    for cfg in cfgs:  # a missing tracker package fails before anything is written
+        require(cfg.log)
+    with claim_run_dirs(cfgs):
+        return _fit_claimed(cfgs)
+
+
+def _fit_claimed(cfgs: list[TrainConfig]) -> list[FitResult]:
     first = cfgs[0]
     for cfg in cfgs[1:]:
         for f in DATA_FIELDS:
@@ -148,16 +166,22 @@ def fit_many(cfgs: list[TrainConfig]) -> list[FitResult]:
     runs = [_start_run(cfg, store, names, order, world, device) for cfg in cfgs]
     if len({run.start for run in runs}) > 1:
         raise UsaeError("fit_many: the runs would resume from different steps; resume them one by one")
-    lasts = _loop(runs, Loader(store, names, order, device, world.rank, world.size), runs[0].start)
+    with contextlib.ExitStack() as opened:  # trackers close (marked failed on an error) after the loop
+        runs = [run._replace(tracker=opened.enter_context(_trackers(run))) for run in runs]
+        timed = _loop(runs, Loader(store, names, order, device, world.rank, world.size), runs[0].start, device)
     results = []
-    for run, last in zip(runs, lasts, strict=True):
+    for run, (last, seconds, n_timed) in zip(runs, timed, strict=True):
         distributed.average_buffers_(run.sae, world)
         if world.is_main:
             save_run(run.cfg.out, run.sae, run.run_cfg)
         if run.cfg.save_every == 0 or run.cfg.steps % run.cfg.save_every != 0:
             _save(run, run.cfg.steps)
-        results.append(FitResult(run.sae.eval(), run.cfg.out, last))
+        results.append(FitResult(run.sae.eval(), run.cfg.out, last, seconds, n_timed))
     return results
+
+
+def _trackers(run: _Run) -> Trackers:
+    return open_trackers(run.cfg.log, run.cfg.out, run.run_cfg, run.start, run.world)
 
 
 def _start_run(cfg: TrainConfig, store: Store, names: list[str], order: DataOrder, world: World, device) -> _Run:
@@ -225,6 +249,8 @@ class _Run(NamedTuple):
     run_cfg: dict[str, Any]
     start: int
     """The step this run starts (or resumes) at."""
+    tracker: Trackers | None = None
+    """Where ``_record`` also sends each record (``--log``), on rank 0."""
 
 
 def _init(sae: UniversalSAE, cfg: TrainConfig, store: Store, names: list[str], order: DataOrder, device) -> None:
@@ -248,30 +274,88 @@ def _save(run: _Run, step: int) -> None:
     distributed.average_buffers_(run.sae, run.world)
     if run.world.is_main:
         tensors = {"since_fired_ms": run.state.since_fired_ms, "n_dead": run.state.n_dead}
-        save_checkpoint(run.cfg.out, step, run.sae, run.optimizer, tensors, {"seed": run.cfg.seed})
+        save_checkpoint(run.cfg.out, step, run.sae, run.optimizer, tensors, {"seed": run.cfg.seed, "train": run.train_dict})
     distributed.barrier(run.world)
 
 
-def _loop(runs: list[_Run], loader: Loader, start: int) -> list[dict[str, float]]:
-    """Step every run on each batch, read once; returns each run's last logged record."""
+class _Timed(NamedTuple):
+    """One run's outcome of the loop."""
+
+    last: dict[str, float]
+    """The last logged record."""
+    step_seconds: float
+    """Seconds in this run's own steps (see FitResult.step_seconds)."""
+    steps_timed: int
+
+
+def _loop(runs: list[_Run], loader: Loader, start: int, device: torch.device) -> list[_Timed]:
+    """Step every run on each batch, read once; returns each run's last logged record and step time."""
     cfg0 = runs[0].cfg
     for run in runs:
         run.sae.train()
     lasts: list[dict[str, float]] = [{} for _ in runs]
+    timer = _StepTimer(len(runs), device)
     show = cfg0.progress and runs[0].world.is_main
     bar = tqdm(range(start, cfg0.steps), initial=start, total=cfg0.steps, disable=not show, desc="train", mininterval=1)
     try:
         for step in bar:
             batch = loader.get(step)
             for i, run in enumerate(runs):
+                began = timer.start()
                 record = _advance(run, batch, step)
+                timer.stop(i, began)
                 if record:
                     lasts[i] = record
                     if i == 0:  # only on a new record: a postfix redraw per step floods logs
                         bar.set_postfix(loss=f"{record['train/loss']:.4f}", refresh=False)
     finally:
         loader.close()
-    return lasts
+    seconds = timer.seconds()
+    return [_Timed(last, sec, n) for last, sec, n in zip(lasts, seconds, timer.n_steps, strict=True)]
+
+
+class _StepTimer:
+    """Seconds each run spends in its own steps: the wall clock on CPU; on CUDA, events recorded
+    around each step and read in batches, so the GPU's real time is measured without the host sync
+    per step that ``torch.cuda.synchronize`` would add (it would stall the queue and slow training)."""
+
+    READ_EVERY = 512  # pending event pairs: one host sync per this many timed steps
+
+    def __init__(self, n_runs: int, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.total = [0.0] * n_runs
+        self.n_steps = [0] * n_runs
+        self.pending: list[tuple[int, Any, Any]] = []
+
+    def start(self) -> Any:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(self.device))  # the run's device, whichever is current
+        return event
+
+    def stop(self, i: int, began: Any) -> None:
+        self.n_steps[i] += 1
+        if not self.cuda:
+            self.total[i] += time.perf_counter() - began
+            return
+        end = torch.cuda.Event(enable_timing=True)
+        end.record(torch.cuda.current_stream(self.device))
+        self.pending.append((i, began, end))
+        if len(self.pending) >= self.READ_EVERY:
+            self._read()
+
+    def seconds(self) -> list[float]:
+        self._read()
+        return list(self.total)
+
+    def _read(self) -> None:
+        if self.pending:
+            self.pending[-1][2].synchronize()
+        for i, began, end in self.pending:
+            self.total[i] += began.elapsed_time(end) / 1000  # elapsed_time is in ms
+        self.pending.clear()
 
 
 def _advance(run: _Run, batch: dict[str, Tensor], step: int) -> dict[str, float] | None:
@@ -310,4 +394,6 @@ def _record(run: _Run, step: int, lr: float, stats: StepStats) -> dict[str, floa
     if run.world.is_main:
         with run.metrics_path.open("a") as f:
             f.write(json.dumps(rec) + "\n")
+        if run.tracker is not None:
+            run.tracker.log(rec)
     return rec

@@ -28,9 +28,10 @@ among the models — is obtained by bilinear resampling with antialiasing (``ali
 pixel centres aligned), the rule the paper used to bring DINOv2's 16×16 patches to 14×14. So token
 ``k`` of every model covers the same region ``(k // W, k % W)`` of the same image.
 
-Specs (the CLI's ``--models``): ``[ALIAS=]KIND:ID[@LAYER]`` with KIND one of ``timm``, ``hf``,
-``openclip``, ``onnx``, ``fake``, or a built-in name (``effnet-lite0``, ``open-nsfw``, ``craft-vgg16``,
-whose weights ship inside installed packages and work offline)."""
+Specs (the CLI's ``--models``): ``[ALIAS=]KIND:ID[@LAYER][?OPTIONS]`` with KIND one of ``timm``,
+``hf``, ``openclip``, ``onnx``, ``fake``, or a built-in name (``effnet-lite0``, ``open-nsfw``,
+``craft-vgg16``, whose weights ship inside installed packages and work offline); OPTIONS override
+the preprocessing (``?size=320&mean=0,0,0&std=1,1,1&scale=255&bgr=1``; ``spec.py``, docs/backbones.md)."""
 
 from __future__ import annotations
 
@@ -156,8 +157,8 @@ def align(fmap_bdhw: Tensor, grid: tuple[int, int]) -> Tensor:
 class Backbone(nn.Module):
     """One frozen vision model read at one layer. Subclasses implement :meth:`feature_map`.
 
-    Attributes: ``name`` (store alias), ``spec`` (how it was asked for), ``input_size`` (square side
-    the model is fed), ``width`` (d) and ``native_grid`` (h, w) — the last two found by a probe forward.
+    Attributes: ``name`` (store alias), ``spec`` (how it was asked for), ``input_hw`` (the (h, w)
+    the model is fed; ``input_size`` is its larger side), ``width`` (d) and ``native_grid`` (h, w) — the last two found by a probe forward.
 
     Splicing (optional): ``task`` ("classifier", "dense" or None), ``head`` (maps the model's full
     output to logits or a map; None: the output as is) and ``splice_unavailable_reason`` (why not,
@@ -181,13 +182,63 @@ class Backbone(nn.Module):
         layer: str | int | None = None,
     ) -> None:
         super().__init__()
-        self.name, self.spec, self.input_size, self.layer = name, spec, int(input_size), layer
+        self.name, self.spec, self.layer = name, spec, layer
+        self.input_hw = (int(input_size), int(input_size))
         self.pixel_scale, self.bgr, self.channels_last = float(pixel_scale), bool(bgr), bool(channels_last)
         self.register_buffer("mean_c", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std_c", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self._mean_std = (tuple(float(v) for v in mean), tuple(float(v) for v in std))  # as given, for describe()
         self.width = 0
         self.native_grid = (0, 0)
         self.head: Callable[[Any], Tensor] | None = None
+
+    @property
+    def input_size(self) -> int:
+        """The larger side of the model's input (``input_hw``): the canonical view's default side."""
+        return max(self.input_hw)
+
+    def set_preprocessing(
+        self,
+        size: tuple[int, int] | None = None,
+        mean: tuple[float, float, float] | None = None,
+        std: tuple[float, float, float] | None = None,
+        scale: float | None = None,
+        bgr: bool | None = None,
+        layout: Literal["NCHW", "NHWC"] | None = None,
+    ) -> Backbone:
+        """Override how :meth:`prepare` feeds the model (a spec's ``?size=…&mean=…`` options); None keeps.
+
+        ``size`` (h, w) in pixels; ``mean``/``std`` per channel R,G,B in the units of ``scale``, the
+        value of a white pixel (1 or 255); ``bgr`` reverses the channels; ``layout`` NHWC feeds
+        channels last. Call before :meth:`probe`.
+        """
+        if size is not None:
+            self.input_hw = (int(size[0]), int(size[1]))
+        if mean is not None:
+            self.mean_c = torch.tensor(mean, dtype=torch.float32, device=self.mean_c.device).view(1, 3, 1, 1)
+            self._mean_std = (tuple(float(v) for v in mean), self._mean_std[1])
+        if std is not None:
+            self.std_c = torch.tensor(std, dtype=torch.float32, device=self.std_c.device).view(1, 3, 1, 1)
+            self._mean_std = (self._mean_std[0], tuple(float(v) for v in std))
+        if scale is not None:
+            self.pixel_scale = float(scale)
+        if bgr is not None:
+            self.bgr = bool(bgr)
+        if layout is not None:
+            self.channels_last = layout == "NHWC"
+        return self
+
+    def preprocessing(self) -> dict[str, Any]:
+        """The resolved preprocessing, as the store records it (the spec's option names)."""
+        return {
+            "size": list(self.input_hw),
+            "mean": list(self._mean_std[0]),
+            "std": list(self._mean_std[1]),
+            "scale": self.pixel_scale,
+            "bgr": self.bgr,
+            "layout": "NHWC" if self.channels_last else "NCHW",
+            "resize": "bilinear, antialiased, from the canonical square view",
+        }
 
     def probe(self) -> Backbone:
         """Run one blank image through the model to learn ``width`` and ``native_grid``; freeze it."""
@@ -195,15 +246,15 @@ class Backbone(nn.Module):
         for p in self.parameters():
             p.requires_grad_(False)
         with torch.inference_mode():
-            fmap = self.forward(torch.full((1, 3, self.input_size, self.input_size), 0.5, device=self.mean_c.device))
+            fmap = self.forward(torch.full((1, 3, *self.input_hw), 0.5, device=self.mean_c.device))
         self.width, self.native_grid = int(fmap.shape[1]), (int(fmap.shape[2]), int(fmap.shape[3]))
         return self
 
     def prepare(self, pixels_b3hw: Tensor) -> Tensor:
         """Canonical view in [0, 1] -> the model's input (its size, normalisation and layout)."""
         x = pixels_b3hw
-        if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
-            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", antialias=True)
+        if tuple(x.shape[-2:]) != self.input_hw:
+            x = F.interpolate(x, size=self.input_hw, mode="bilinear", antialias=True)
         if self.bgr:
             x = x.flip(1)
         x = (x * self.pixel_scale - self.mean_c) / self.std_c
@@ -307,4 +358,5 @@ class Backbone(nn.Module):
             "width": self.width,
             "input_size": self.input_size,
             "native_grid": list(self.native_grid),
+            "preprocessing": self.preprocessing(),
         }

@@ -10,6 +10,7 @@ from torch import nn
 
 from usae.errors import UsaeError
 from usae.extraction.backbones.base import Backbone
+from usae.extraction.backbones.spec import split_options
 from usae.extraction.backbones.torch_module import TorchBackbone
 
 
@@ -19,7 +20,8 @@ def load_fake(ident: str, name: str, spec: str, layer: str | None, pretrained: b
     if not m:
         raise UsaeError(f"{spec}: fake backbones are named like fake:w16s8 or fake:w16s8i64 (width, stride, input)")
     width, stride, size = int(m[1]), int(m[2]), int(m[3] or 64)
-    gen = torch.Generator().manual_seed(zlib.crc32(spec.split("=")[-1].encode()))
+    # seeded by KIND:ID[@LAYER] alone: an alias or preprocessing options do not change the weights
+    gen = torch.Generator().manual_seed(zlib.crc32(split_options(spec)[0].split("=")[-1].encode()))
     net = nn.Sequential(nn.Conv2d(3, width, stride, stride), nn.GELU(), nn.Conv2d(width, width, 3, padding=1))
     with torch.no_grad():
         for p in net.parameters():

@@ -5,19 +5,43 @@ rest of the network: the *uncut* graph is converted too (lazily, on the first sp
 hook on the converted node that produces the layer tensor swaps it, so every other input of the
 later nodes (skip connections) stays as computed. Only graphs given a ``task`` from Python (or the
 built-in Open-NSFW) can splice: a bare ``onnx:`` spec does not say what the graph's output means.
+
+A graph onnx2torch cannot convert (e.g. a Paddle export whose conv weights are ``Constant`` nodes,
+which onnx2torch looks up as initializers: ``KeyError: 'conv2d_0.w_0'``) is run by onnxruntime
+instead (:class:`OnnxRuntimeModule`, the same cut graph): extraction works, activation maximisation
+(it needs gradients) and splicing (they need the torch graph) raise a one-line UsaeError.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import logging
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
+from usae._io import one_line
 from usae.errors import UsaeError
 from usae.extraction.backbones.base import Backbone, Replace, SpliceHook, Task, to_bdhw
+
+log = logging.getLogger(__name__)
+
+# torch deprecates indexing with a list of slices, which onnx2torch's Slice does on every forward;
+# the result is still right (the converted graph matches onnxruntime), so the warning is only noise.
+_INDEXING_WARNING = r"Using a non-tuple sequence for multidimensional indexing is deprecated"
+
+
+@contextlib.contextmanager
+def quiet_onnx2torch() -> Iterator[None]:
+    """Run converted graphs without onnx2torch's PyTorch-indexing deprecation warning (only that one)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_INDEXING_WARNING, category=UserWarning)
+        yield
 
 
 def _cut_graph(model: Any, tensor: str) -> Any:
@@ -47,10 +71,9 @@ def _cut_graph(model: Any, tensor: str) -> Any:
     return model
 
 
-def onnx_submodel(path: Path, tensor: str | None, spec: str) -> tuple[nn.Module, list[int]]:
-    """Convert an ONNX graph, cut at ``tensor`` (default: its first output), to torch; return its input shape."""
+def read_onnx(path: Path, tensor: str | None, spec: str) -> tuple[Any, list[int]]:
+    """The ONNX model at ``path`` cut at ``tensor`` (None: whole), and its one image input's shape."""
     import onnx
-    from onnx2torch import convert
 
     try:
         model = onnx.load(str(path))
@@ -64,10 +87,100 @@ def onnx_submodel(path: Path, tensor: str | None, spec: str) -> tuple[nn.Module,
         if tensor not in {o for n in model.graph.node for o in n.output}:
             raise UsaeError(f"{spec}: no tensor named {tensor!r} in {path}")
         model = _cut_graph(model, tensor)
+    return model, shape
+
+
+def _convert(model: Any) -> nn.Module:
+    from onnx2torch import convert
+
+    with quiet_onnx2torch():
+        return convert(model)
+
+
+def onnx_submodel(path: Path, tensor: str | None, spec: str) -> tuple[nn.Module, list[int]]:
+    """Convert an ONNX graph, cut at ``tensor`` (default: its first output), to torch; return its input shape."""
+    model, shape = read_onnx(path, tensor, spec)
     try:
-        return convert(model), shape
+        return _convert(model), shape
     except Exception as e:
         raise UsaeError(f"{spec}: onnx2torch cannot convert this graph: {type(e).__name__}: {e}") from None
+
+
+class OnnxRuntimeModule(nn.Module):
+    """A (cut) ONNX graph run by onnxruntime, for graphs onnx2torch cannot convert; no gradients.
+
+    ``forward`` takes the prepared input tensor and returns the graph's first output as a tensor on
+    the input's device; the CUDA provider runs it when the input is on a GPU and onnxruntime has
+    one, else the CPU provider. A graph with a fixed batch size gets the batch in pieces of that size.
+    """
+
+    def __init__(self, model: Any, spec: str, why: str) -> None:
+        super().__init__()
+        self.spec, self.why = spec, why
+        inits = {t.name for t in model.graph.initializer}
+        image = next(i for i in model.graph.input if i.name not in inits)
+        dims = image.type.tensor_type.shape.dim
+        self.input_name, self.output_name = image.name, model.graph.output[0].name
+        self.fixed_batch = int(dims[0].dim_value) if len(dims) and dims[0].dim_value > 0 else None
+        self._graph = model.SerializeToString()
+        self._sessions: dict[tuple[str, int | None], Any] = {}
+        self.session(torch.device("cpu"))  # a graph onnxruntime cannot run either fails here, at load
+
+    @property
+    def reason(self) -> str:
+        return f"it runs through onnxruntime because onnx2torch cannot convert it ({self.why})"
+
+    def session(self, device: torch.device) -> Any:
+        """The onnxruntime session for ``device`` (made once per device)."""
+        key = (device.type, device.index)
+        if key not in self._sessions:
+            try:
+                import onnxruntime as ort
+            except ImportError:
+                raise UsaeError(
+                    f"{self.spec}: onnx2torch cannot convert this graph ({self.why}); "
+                    "install onnxruntime to run it as it is: pip install onnxruntime"
+                ) from None
+            providers: list[Any] = ["CPUExecutionProvider"]
+            if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+                providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
+            try:
+                self._sessions[key] = ort.InferenceSession(self._graph, providers=providers)
+            except Exception as e:
+                raise UsaeError(
+                    f"{self.spec}: onnx2torch cannot convert this graph ({self.why}) and onnxruntime cannot "
+                    f"run it: {type(e).__name__}: {one_line(e)[:200]}"
+                ) from None
+        return self._sessions[key]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.requires_grad:
+            raise UsaeError(
+                f"{self.spec}: activation maximisation needs gradients through a graph onnx2torch can convert; "
+                f"{self.reason}"
+            )
+        sess = self.session(x.device)
+        arr = x.detach().float().cpu().numpy()
+        step = self.fixed_batch or max(len(arr), 1)
+        outs = [sess.run([self.output_name], {self.input_name: arr[i : i + step]})[0] for i in range(0, len(arr), step)]
+        return torch.from_numpy(np.concatenate(outs)).to(x.device)
+
+
+def _runnable(path: Path, tensor: str | None, spec: str) -> tuple[nn.Module, list[int]]:
+    """The graph cut at ``tensor`` as a torch module: converted by onnx2torch, else run by onnxruntime."""
+    model, shape = read_onnx(path, tensor, spec)
+    try:
+        return _convert(model), shape
+    except Exception as e:
+        why = f"{type(e).__name__}: {one_line(e)[:200]}"
+    module = OnnxRuntimeModule(model, spec, why)
+    log.warning(
+        "%s: onnx2torch cannot convert this graph (%s); it runs through onnxruntime for extraction — "
+        "activation maximisation and splicing need a graph onnx2torch can convert",
+        spec,
+        why,
+    )
+    return module, shape
 
 
 def onnx_full_model(path: Path, tensor: str, spec: str) -> tuple[nn.Module, str, int]:
@@ -77,7 +190,8 @@ def onnx_full_model(path: Path, tensor: str, spec: str) -> tuple[nn.Module, str,
     from onnx2torch import convert
 
     try:
-        module = convert(onnx.load(str(path)), attach_onnx_mapping=True)
+        with quiet_onnx2torch():
+            module = convert(onnx.load(str(path)), attach_onnx_mapping=True)
     except Exception as e:
         raise UsaeError(f"{spec}: onnx2torch cannot convert the full graph: {type(e).__name__}: {e}") from None
     for name, sub in module.named_modules():
@@ -92,7 +206,7 @@ def load_onnx(ident: str, name: str, spec: str, layer: str | None, pretrained: b
     path = Path(ident).expanduser()
     if not path.is_file():
         raise UsaeError(f"{spec}: ONNX file {path} not found")
-    module, shape = onnx_submodel(path, layer, spec)
+    module, shape = _runnable(path, layer, spec)
     channels_last = len(shape) == 4 and shape[3] == 3 and shape[1] != 3
     size = kwargs.pop("input_size", None) or (shape[1] if channels_last else shape[2] if len(shape) == 4 else 0) or 224
     feature_layout = kwargs.pop("feature_layout", "auto")
@@ -135,6 +249,9 @@ class OnnxBackbone(Backbone):
             self.splice_unavailable_reason = (
                 "an ONNX graph's output has no declared task; build OnnxBackbone(..., task=, head=) in Python"
             )
+        if isinstance(module, OnnxRuntimeModule):
+            self.task = None
+            self.splice_unavailable_reason = f"splicing needs a graph onnx2torch can convert; {module.reason}"
 
     def _layout(self, y: Tensor) -> str:
         layout = self.feature_layout
@@ -150,7 +267,8 @@ class OnnxBackbone(Backbone):
         return to_bdhw(y)
 
     def feature_map(self, x: Tensor) -> Tensor:
-        return self._to_map(self.model(x))
+        with quiet_onnx2torch():
+            return self._to_map(self.model(x))
 
     def _from_map(self, y: Tensor, new_bdhw: Tensor) -> Tensor:
         old = self._to_map(y)
@@ -183,7 +301,7 @@ class OnnxBackbone(Backbone):
             return self._to_map(y[index] if isinstance(y, (tuple, list)) else y)
 
         hook = SpliceHook(replace, to_map, from_map)
-        with hook.on(self.full_model.get_submodule(name)):
+        with hook.on(self.full_model.get_submodule(name)), quiet_onnx2torch():
             out = self.full_model(x)
         if not hook.calls:
             raise UsaeError(f"{self.spec}: the node producing {self.layer!r} did not run in the full graph")

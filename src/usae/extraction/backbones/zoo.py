@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from usae.errors import UsaeError
 from usae.extraction.backbones.base import Backbone
-from usae.extraction.backbones.onnx import OnnxBackbone, onnx_submodel
+from usae.extraction.backbones.onnx import OnnxBackbone, onnx_submodel, quiet_onnx2torch
 from usae.extraction.backbones.torch_module import TorchBackbone
 
 
@@ -113,7 +113,8 @@ def open_nsfw_score(pixels_b3hw: Tensor) -> Tensor:
     module, _ = onnx_submodel(Path(pkg.MODEL_PATH), None, "open-nsfw")
     x = F.interpolate(pixels_b3hw, size=(224, 224), mode="bilinear", antialias=True).flip(1) * 255.0
     x = x - torch.tensor(VGG_MEAN_BGR).view(1, 3, 1, 1)
-    return module(x.permute(0, 2, 3, 1))[:, 1]
+    with quiet_onnx2torch():
+        return module(x.permute(0, 2, 3, 1))[:, 1]
 
 
 # ---------------------------------------------------------------------------------------------

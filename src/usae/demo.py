@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
-from usae._io import write_json_atomic
+from usae._io import check_output, write_json_atomic
 from usae.config import DemoConfig, EvalConfig, ExtractConfig, LabelConfig, SynthConfig, TrainConfig
 from usae.data.synth import load_truth, recovery, truth_path, write_world
 from usae.device import resolve_device
@@ -35,7 +34,7 @@ log = logging.getLogger(__name__)
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Pretrained models on offline photos -> store (+ held-out store) -> universal SAE -> held-out
     report with the in-sample one beside it -> concept names -> explorer."""
-    out = Path(cfg.out)
+    out = check_output(cfg.out, "", replaces=False)
     store_dir, run_dir = out / "store", out / "run"
     val_dir = val_store_path(store_dir)
     timings: dict[str, float] = {}

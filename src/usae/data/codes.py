@@ -154,8 +154,9 @@ def encode_store(cfg: EncodeConfig) -> Path:
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
             raise
-    log.info("wrote codes %s: %d rows x %d models, k=%d", out, n_rows, len(names), k)
-    return out
+    shown = Path(os.path.abspath(cfg.out))  # as given (symlinks kept)
+    log.info("wrote codes %s: %d rows x %d models, k=%d", shown, n_rows, len(names), k)
+    return shown
 
 
 def _write_shards(sae, store, names, k, n_rows, cfg: EncodeConfig, partial: Path, meta, device) -> None:

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
+from usae._io import check_output
 from usae.errors import UsaeError
 
 if TYPE_CHECKING:
@@ -397,6 +398,7 @@ def write_world(cfg: SynthConfig) -> Path:
     """Generate a synthetic world, write it as a store and its ground truth beside it."""
     from usae.data.store import write_store
 
+    check_output(cfg.out, "usae-store", overwrite=cfg.overwrite)
     names = [chr(ord("a") + i) if i < 26 else f"m{i}" for i in range(len(cfg.widths))]
     world = make_world(
         dict(zip(names, cfg.widths, strict=True)),

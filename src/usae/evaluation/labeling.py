@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -24,7 +23,7 @@ import torch
 from scipy import sparse
 from tqdm.auto import tqdm
 
-from usae._io import write_json_atomic
+from usae._io import check_output, write_json_atomic
 from usae.config import LabelConfig
 from usae.data.store import Store, open_store
 from usae.device import resolve_device
@@ -168,6 +167,7 @@ def _family(acts: dict[str, Any], labels: LabelMatrix, cfg: LabelConfig, level: 
 
 def label(cfg: LabelConfig) -> dict[str, Any]:
     """Name the run's concepts on ``cfg.store``; write OUT/labels.json and OUT/names.json; return labels.json."""
+    out = check_output(cfg.out or cfg.run, ("", "usae-run"), reading=(cfg.store,), replaces=False)
     sae = load(cfg.run, device=resolve_device(cfg.device))
     store = open_store(cfg.store)
     missing = [n for n in sae.model_names if store.widths.get(n) != sae.cfg.widths[n]]
@@ -202,7 +202,6 @@ def label(cfg: LabelConfig) -> dict[str, Any]:
         "families": families,
         "artifacts": artifact_flags(codes, pixels, cfg.n_top_tokens),
     }
-    out = Path(cfg.out or cfg.run)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / LABELS_JSON, result)
     write_json_atomic(out / NAMES_JSON, concept_names(result))

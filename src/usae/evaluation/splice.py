@@ -50,7 +50,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from usae._io import one_line, write_atomic, write_json_atomic
+from usae._io import check_output, one_line, write_atomic, write_json_atomic
 from usae.data.store import Store, open_store
 from usae.device import resolve_device
 from usae.errors import UsaeError
@@ -426,6 +426,9 @@ def splice_cli(cfg: Any) -> tuple[dict[str, Any], Path]:
 
     Returns the result and the path of splice.json.
     """
+    out = check_output(
+        cfg.out if cfg.out is not None else cfg.run, ("", "usae-run"), reading=(cfg.store,), replaces=False
+    )
     result = splice(
         cfg.run,
         cfg.store,
@@ -435,4 +438,4 @@ def splice_cli(cfg: Any) -> tuple[dict[str, Any], Path]:
         device=cfg.device,
         progress=cfg.progress,
     )
-    return result, write_splice(result, cfg.out if cfg.out is not None else cfg.run)
+    return result, write_splice(result, out)

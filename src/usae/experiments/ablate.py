@@ -18,7 +18,7 @@ from typing import Any
 
 import jinja2
 
-from usae._io import read_json, write_json_atomic, write_text_atomic
+from usae._io import check_output, read_json, write_json_atomic, write_text_atomic
 from usae.config import AblateConfig, TrainConfig, to_json_dict
 from usae.data.store import held_out_path, open_store
 from usae.errors import UsaeError
@@ -168,6 +168,7 @@ def ablate(cfg: AblateConfig) -> list[dict[str, Any]]:
     Finished points are reused; the others are grouped by the data they read (store and models)
     and each group trains in lockstep on one pass over its store (``fit_many``).
     """
+    check_output(cfg.out, "", reading=tuple(cfg.stores), replaces=False)
     points = grid(cfg)
     rows: dict[Path, dict[str, Any]] = {}
     todo: dict[tuple, list[TrainConfig]] = {}

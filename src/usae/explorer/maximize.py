@@ -47,14 +47,15 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor, nn
 
-from usae._io import read_json, write_json_atomic
+from usae._io import check_output, read_json, write_json_atomic
 from usae.config import MaximizeConfig
 from usae.data.store import Store, open_store
 from usae.errors import UsaeError
+from usae.explorer.concepts import scan_top_images, trained_store_dir, writing
 from usae.explorer.maco import FourierImage, LatentObjective, random_crops, to_image
 from usae.explorer.spectrum import MAX_IMAGES, data_spectrum
 from usae.model.sae import UniversalSAE
-from usae.run import load, read_run_config
+from usae.run import load
 
 log = logging.getLogger(__name__)
 
@@ -130,42 +131,6 @@ def run_store(run: str | Path, store: str | Path | Store | None) -> Store:
     return open_store(trained_store_dir(run) if store is None else store)
 
 
-def trained_store_dir(run: str | Path) -> Path:
-    """The directory of the store a run was trained on, from any working directory.
-
-    RUN/config.json records it absolute; a relative path (older runs) is tried against the current
-    directory and then the run directory's parent and each of its parents, keeping the first
-    directory whose store has the recorded content hash (any store when no hash is recorded).
-    One-line UsaeError when none is found.
-    """
-    where = Path(run) / "config.json"
-    recorded = read_run_config(Path(run), ("usae-run", "usae-pretrained"), older_ok=True).get("store") or {}
-    path = recorded.get("path")
-    if not isinstance(path, str) or not path:
-        raise UsaeError(f"{where}: records no store (field 'store.path'); pass --store")
-    given = Path(path).expanduser()
-    if given.is_absolute():
-        if given.is_dir():
-            return given
-        raise UsaeError(f"{where}: field 'store.path' ({path}) is not a store here; pass --store")
-    run_abs = Path(run).absolute()
-    for base in dict.fromkeys([Path.cwd(), run_abs.parent, *run_abs.parent.parents]):
-        if (base / given).is_dir() and _has_hash(base / given, recorded.get("hash")):
-            return base / given
-    raise UsaeError(
-        f"{where}: field 'store.path' ({path}) is relative and no store with the run's hash was found from the "
-        "current directory or the run's parent directories; pass --store"
-    )
-
-
-def _has_hash(store_dir: Path, expected: str | None) -> bool:
-    """Whether ``store_dir`` is a store with content hash ``expected`` (any store when None)."""
-    try:
-        return expected is None or open_store(store_dir).hash == expected
-    except UsaeError:
-        return False
-
-
 def load_backbones(store: Store, names: list[str], device: torch.device) -> dict[str, nn.Module]:
     """The backbone each model of the store was extracted with (``extra.backbones``), frozen."""
     from usae.extraction.backbones import load_backbone
@@ -198,7 +163,6 @@ def natural_best(
 ) -> dict[int, dict[str, NaturalBest]]:
     """Per concept and model, the store image where the concept fires most: one streaming pass
     (``concepts.scan_top_images``) over every image, for all ``concepts`` at once."""
-    from usae.explorer.concepts import scan_top_images
     from usae.extraction.images import image_layout
 
     concepts = [int(k) for k in concepts]
@@ -405,8 +369,6 @@ def result_json(result: MaximizeResult) -> dict[str, Any]:
 
 def write_maximization(result: MaximizeResult, out_root: str | Path, concept: int | None = None) -> Path:
     """``OUT/concept-<k>/``: one PNG per model, panel.png and maximize.json; returns the directory."""
-    from usae.explorer.concepts import writing
-
     out = concept_dir(out_root, result.concept if concept is None else concept)
     with writing(out):
         out.mkdir(parents=True, exist_ok=True)
@@ -449,7 +411,9 @@ def maximize_cli(cfg: MaximizeConfig) -> list[Path]:
     """
     from usae.device import resolve_device
 
-    out_root = cfg.out or Path(cfg.run) / "maximize"
+    out_root = check_output(
+        cfg.out or Path(cfg.run) / "maximize", "", reading=(cfg.store,) if cfg.store else (), replaces=False
+    )
     compare = cfg.compare
     natural: dict[int, dict[str, NaturalBest]] = {}
     if compare:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -57,6 +58,7 @@ from usae.explorer.labels import (
 )
 from usae.explorer.maximize import RESULT_NAME, concept_dir_re, maximize, write_maximization
 from usae.model.sae import UniversalSAE
+from usae.run import run_reports
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +93,7 @@ def find_report(run: Path, model_names: list[str], store: Store) -> tuple[Path, 
     The name is only a hint: report.json is tried first, then the one named after the store's directory.
     """
     hint = f"report-{store.path.name}"
-    candidates = sorted(run.glob("report*.json"), key=lambda p: (p.name != "report.json", not p.stem.startswith(hint)))
+    candidates = sorted(run_reports(run), key=lambda p: (p.name != "report.json", not p.stem.startswith(hint)))
     for path in candidates:
         try:
             report = read_json(path, "report")
@@ -433,5 +435,6 @@ def explore_cli(cfg: ExploreConfig) -> Path:
             if out.exists():
                 shutil.rmtree(out)
             tmp.rename(out)
-    log.info("wrote concept explorer %s in %.1f s", out / "index.html", time.perf_counter() - started)
-    return out / "index.html"
+    shown = Path(os.path.abspath(cfg.out))  # as given (symlinks kept), for the log and the caller
+    log.info("wrote concept explorer %s in %.1f s", shown / "index.html", time.perf_counter() - started)
+    return shown / "index.html"

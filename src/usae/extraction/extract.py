@@ -14,6 +14,7 @@ the store.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -29,7 +30,16 @@ import torch
 from tqdm.auto import tqdm
 
 from usae import distributed
-from usae._io import check_output, output_dir, publish_dir, read_json, save_npy, write_json_atomic
+from usae._io import (
+    check_output,
+    dir_lock,
+    output_dir,
+    publish_dir,
+    read_json,
+    save_npy,
+    sibling_lock,
+    write_json_atomic,
+)
 from usae.config import ExtractConfig, to_json_dict
 from usae.data.store import StoreWriter
 from usae.device import resolve_device
@@ -315,7 +325,9 @@ def extract(cfg: ExtractConfig, backbones: list[Backbone] | None = None) -> Path
     world, device = distributed.init(resolve_device(cfg.device))
     parts_dir = parts_dir_for(out)
     fresh = not parts_dir.exists()
-    with output_dir(out.parent):
+    # One extraction per store: rank 0 holds the store's lock (the writer re-enters it) until it is published.
+    lock = dir_lock(sibling_lock(out), f"store {out}") if world.is_main else contextlib.nullcontext()
+    with output_dir(out.parent), lock:
         try:
             return _extract(cfg, out, backbones, world, device)
         except BaseException:

@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from usae._io import load_tensors
+from usae._io import check_output, load_tensors
 from usae.config import SAEConfig
 from usae.errors import UsaeError
 from usae.model.sae import UniversalSAE
@@ -261,6 +261,7 @@ def import_official(
     ``out`` then works with ``usae.load``, ``usae evaluate``, ``usae encode`` and ``usae export``.
     """
     config_yaml, checkpoint_dir, out = Path(config_yaml), Path(checkpoint_dir), Path(out)
+    check_output(out, "usae-run", overwrite=overwrite, reading=(config_yaml, checkpoint_dir))
     if (out / CONFIG_NAME).exists() and not overwrite:
         raise UsaeError(f"{out} already holds a run; pass --overwrite to replace it")
     if not checkpoint_dir.is_dir():

@@ -274,7 +274,9 @@ def _save(run: _Run, step: int) -> None:
     distributed.average_buffers_(run.sae, run.world)
     if run.world.is_main:
         tensors = {"since_fired_ms": run.state.since_fired_ms, "n_dead": run.state.n_dead}
-        save_checkpoint(run.cfg.out, step, run.sae, run.optimizer, tensors, {"seed": run.cfg.seed, "train": run.train_dict})
+        save_checkpoint(
+            run.cfg.out, step, run.sae, run.optimizer, tensors, {"seed": run.cfg.seed, "train": run.train_dict}
+        )
     distributed.barrier(run.world)
 
 

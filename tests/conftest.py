@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from usae.__main__ import main
 from usae.data.store import write_store
 from usae.data.synth import make_world
 
@@ -43,3 +44,25 @@ def small_store(small_world, tmp_path_factory) -> Path:
         dtype="float32",
         rows_per_shard=2048,
     )
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run ``usae ARGV`` in-process: (exit code, stderr lines)."""
+
+    def run(argv) -> tuple[int, list[str]]:
+        capsys.readouterr()
+        rc = main([str(a) for a in argv])
+        return rc, capsys.readouterr().err.strip().splitlines()
+
+    return run
+
+
+@pytest.fixture
+def tree():
+    """``tree(root)``: every file below ``root`` as {relative path: bytes}, to show nothing changed."""
+
+    def snapshot(root: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    return snapshot

@@ -57,16 +57,6 @@ def world(store_template, tmp_path):
     return world
 
 
-def snapshot(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def run_cli(argv, capsys) -> tuple[int, list[str]]:
-    capsys.readouterr()
-    rc = main([str(a) for a in argv])
-    return rc, capsys.readouterr().err.strip().splitlines()
-
-
 # -- no unpickling --------------------------------------------------------------------------------
 def test_no_code_path_unpickles():
     """Grep-able rule: no pickle.load(s), torch.load only with weights_only=True, np.load never allows pickles."""
@@ -93,14 +83,14 @@ class _Exploit:
         return (open, (str(self.marker), "w"))
 
 
-def test_malicious_pickle_as_checkpoint_is_refused(world, capsys):
+def test_malicious_pickle_as_checkpoint_is_refused(world, cli, tree):
     marker = world / "pwned"
     payload = pickle.dumps({"heads.a.W_enc": _Exploit(marker)})
     ckpt = latest_checkpoint(world / "run")
     for target in (world / "run/model.safetensors", ckpt.path / "model.safetensors"):
         good = target.read_bytes()
         target.write_bytes(payload)
-        before = snapshot(world)
+        before = tree(world)
         argv = ["evaluate", world / "run", world / "store", "--no-progress", "--no-report"]
         if target != world / "run/model.safetensors":
             argv = [
@@ -115,9 +105,9 @@ def test_malicious_pickle_as_checkpoint_is_refused(world, capsys):
                 "--resume",
                 *TRAIN,
             ]
-        rc, err = run_cli(argv, capsys)
+        rc, err = cli(argv)
         assert rc == 2 and len(err) == 1 and f"{target}: not a readable safetensors file" in err[0], err
-        assert snapshot(world) == before and not marker.exists()
+        assert tree(world) == before and not marker.exists()
         target.write_bytes(good)
 
 
@@ -168,10 +158,10 @@ def _targets(world: Path):
     ]
 
 
-def test_damaged_files_give_one_line_errors_and_change_nothing(world, capsys):
+def test_damaged_files_give_one_line_errors_and_change_nothing(world, cli, tree):
     rng = random.Random(8)
     counts = {"cases": 0, "errors": 0, "accepted_json_flips": 0, "bytes_corrupted": 0}
-    pristine = snapshot(world)
+    pristine = tree(world)
     for target, readers, other_path, is_json in _targets(world):
         good = target.read_bytes()
         for what, bad in _mutations(good, rng, other_path.read_bytes()):
@@ -180,9 +170,9 @@ def test_damaged_files_give_one_line_errors_and_change_nothing(world, capsys):
                 len(good) - len(bad)
             )
             for argv in readers:
-                before = snapshot(world)  # a reader that accepts a flip may write (evaluate: report.json)
+                before = tree(world)  # a reader that accepts a flip may write (evaluate: report.json)
                 counts["cases"] += 1
-                rc, err = run_cli(argv, capsys)
+                rc, err = cli(argv)
                 shutil.rmtree(world / "new", ignore_errors=True)
                 where = f"{target.name} ({what}) read by usae {argv[0]}"
                 if rc == 0:
@@ -196,10 +186,10 @@ def test_damaged_files_give_one_line_errors_and_change_nothing(world, capsys):
                 counts["errors"] += 1
                 assert rc == 2 and len(err) == 1 and err[0].startswith("usae: error:"), (where, err)
                 assert target.name in err[0] or target.parent.name in err[0], (where, err)
-                after = snapshot(world)
+                after = tree(world)
                 assert after == before, (where, sorted(k for k in after if after.get(k) != before.get(k)))
             target.write_bytes(good)
-    assert snapshot(world) == pristine
+    assert tree(world) == pristine
     print(f"damaged-file cases: {counts}")
 
 
@@ -439,7 +429,7 @@ def _fill(disk: Path, leave_bytes: int) -> Path:
 
 
 @pytest.mark.slow
-def test_disk_full_is_one_line_and_keeps_the_previous_store_and_checkpoint(small_disk, capsys):
+def test_disk_full_is_one_line_and_keeps_the_previous_store_and_checkpoint(small_disk, cli, tree):
     rng = np.random.default_rng(0)
     store = write_store(
         small_disk / "store", {"a": rng.normal(size=(2000, 16)), "b": rng.normal(size=(2000, 24))}, dtype="float32"
@@ -457,12 +447,12 @@ def test_disk_full_is_one_line_and_keeps_the_previous_store_and_checkpoint(small
 
     run = small_disk / "run"
     args = ["train", store, "--out", run, "--n-latents", "64", "--k", "4", "--batch-size", "128", "--save-every", "4", "--log-every", "4", "--no-progress"]  # fmt: skip
-    assert run_cli([*args, "--steps", "4"], capsys)[0] == 0
+    assert cli([*args, "--steps", "4"])[0] == 0
     filler = _fill(small_disk, leave_bytes=48 * 1024)
-    before = snapshot(run)
-    rc, err = run_cli([*args, "--steps", "8", "--resume"], capsys)
+    before = tree(run)
+    rc, err = cli([*args, "--steps", "8", "--resume"])
     assert rc == 2 and len(err) == 1 and "No space left on device" in err[0], err
-    after = snapshot(run)
+    after = tree(run)
     # metrics.jsonl may have grown by log lines; every weight file and the checkpoint are as they were
     assert {k: v for k, v in after.items() if "metrics" not in k} == {
         k: v for k, v in before.items() if "metrics" not in k
@@ -472,6 +462,6 @@ def test_disk_full_is_one_line_and_keeps_the_previous_store_and_checkpoint(small
     load_checkpoint(latest_checkpoint(run), sae, make_optimizer(sae, TrainConfig(store=store)))
     # with space again, the same command finishes
     filler.unlink()
-    assert run_cli([*args, "--steps", "8", "--resume"], capsys)[0] == 0
+    assert cli([*args, "--steps", "8", "--resume"])[0] == 0
     assert latest_checkpoint(run).step == 8
     print(f"disk full: {err[0]}")

@@ -14,6 +14,7 @@ import pytest
 
 from usae.__main__ import main
 from usae.data.store import write_store
+from usae.errors import UsaeError
 from usae.run import load
 
 TRAIN = ["--n-latents", "16", "--k", "2", "--batch-size", "128", "--steps", "6", "--save-every", "3", "--no-progress"]
@@ -28,56 +29,53 @@ def world(tmp_path) -> Path:
     return tmp_path
 
 
-def snapshot(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def run_cli(argv, capsys) -> tuple[int, list[str]]:
-    capsys.readouterr()
-    rc = main([str(a) for a in argv])
-    return rc, capsys.readouterr().err.strip().splitlines()
-
-
 def one_line(rc: int, err: list[str], *needles: str) -> None:
     assert rc == 2 and len(err) == 1 and err[0].startswith("usae: error:"), err
     for needle in needles:
         assert needle in err[0], err
 
 
-def test_export_refuses_the_run_and_existing_directories(world, capsys):
-    before = snapshot(world)
+def test_export_refuses_the_run_and_existing_directories(world, cli, tree):
+    before = tree(world)
     run = world / "run"
-    one_line(*run_cli(["export", run, "--out", run], capsys), "is the input")
-    one_line(*run_cli(["export", run, "--out", run / "sub"], capsys), "lies inside the input")
-    one_line(*run_cli(["export", run, "--out", world / "store", "--overwrite"], capsys), "holds a usae-store")
+    one_line(*cli(["export", run, "--out", run]), "is the input")
+    one_line(*cli(["export", run, "--out", run / "sub"]), "lies inside the input")
+    one_line(*cli(["export", run, "--out", world / "store", "--overwrite"]), "holds a usae-store")
     (world / "mine").mkdir()
     (world / "mine" / "notes.txt").write_text("keep")
-    one_line(*run_cli(["export", run, "--out", world / "mine", "--overwrite"], capsys), "not a usae artifact")
-    assert snapshot(world) == {**before, "mine/notes.txt": b"keep"}
+    one_line(*cli(["export", run, "--out", world / "mine", "--overwrite"]), "not a usae artifact")
+    assert tree(world) == {**before, "mine/notes.txt": b"keep"}
     # resumability survives: the run still resumes
     assert main(["train", str(world / "store"), "--out", str(run), *TRAIN, "--resume"]) == 0
     # an existing pretrained directory needs --overwrite, then is replaced
     assert main(["export", str(run), "--out", str(world / "pre")]) == 0
-    one_line(*run_cli(["export", run, "--out", world / "pre"], capsys), "--overwrite")
+    one_line(*cli(["export", run, "--out", world / "pre"]), "--overwrite")
     assert main(["export", str(run), "--out", str(world / "pre"), "--overwrite", "--dtype", "float16"]) == 0
     assert json.loads((world / "pre/config.json").read_text())["dtype"] == "float16"
 
 
-def test_failed_export_and_evaluate_leave_no_empty_out(world, capsys):
-    (world / "run" / "model.safetensors").write_bytes(b"garbage")
-    one_line(*run_cli(["export", world / "run", "--out", world / "x" / "pre"], capsys), "model.safetensors")
-    one_line(*run_cli(["evaluate", world / "run", world / "store", "--out", world / "y" / "rep"], capsys))
+def test_failed_export_and_evaluate_leave_no_empty_out(world, cli, monkeypatch):
+    rng = np.random.default_rng(1)
+    write_store(world / "wide", {"a": rng.normal(size=(300, 5)), "b": rng.normal(size=(300, 12))})
+    # fails after the output directory was made: a store whose widths are not the run's
+    one_line(*cli(["evaluate", world / "run", world / "wide", "--out", world / "y" / "rep", "--no-progress"]))
+
+    def disk_full(path, *args, **kwargs):
+        raise UsaeError(f"{path}: could not write (No space left on device)")
+
+    monkeypatch.setattr("usae.interop.hub.save_tensors_atomic", disk_full)
+    one_line(*cli(["export", world / "run", "--out", world / "x" / "pre"]), "No space left")
     assert not (world / "x").exists() and not (world / "y").exists()
 
 
-def test_evaluate_never_writes_into_a_store(world, capsys):
-    before = snapshot(world)
-    one_line(*run_cli(["evaluate", world / "run", world / "store", "--out", world / "store"], capsys), "is the input")
-    one_line(*run_cli(["evaluate", world / "run", world / "store", "--out", world / "other"], capsys), "usae-store")
-    assert snapshot(world) == before
+def test_evaluate_never_writes_into_a_store(world, cli, tree):
+    before = tree(world)
+    one_line(*cli(["evaluate", world / "run", world / "store", "--out", world / "store"]), "is the input")
+    one_line(*cli(["evaluate", world / "run", world / "store", "--out", world / "other"]), "usae-store")
+    assert tree(world) == before
 
 
-def test_export_finds_a_multi_store_report(world, capsys):
+def test_export_finds_a_multi_store_report(world):
     assert main(["evaluate", str(world / "run"), str(world / "store"), str(world / "other"), "--no-progress"]) == 0
     assert not (world / "run/report.json").exists() and (world / "run/report-store.json").is_file()
     assert main(["export", str(world / "run"), "--out", str(world / "pre")]) == 0
@@ -90,14 +88,14 @@ def test_export_finds_a_multi_store_report(world, capsys):
     assert "No evaluation report" not in (world / "pre/README.md").read_text()
 
 
-def test_verify_refuses_a_fifo_shard_within_a_second(world, capsys):
+def test_verify_refuses_a_fifo_shard_within_a_second(world, cli):
     shard = next((world / "store" / "a").glob("shard-*.npy"))
     shard.unlink()
     os.mkfifo(shard)
     result = {}
 
     def go():
-        result["out"] = run_cli(["verify", world / "store"], capsys)
+        result["out"] = cli(["verify", world / "store"])
 
     thread = threading.Thread(target=go, daemon=True)
     start = time.monotonic()
@@ -108,26 +106,26 @@ def test_verify_refuses_a_fifo_shard_within_a_second(world, capsys):
     one_line(*result["out"], shard.name, "FIFO, not a regular file")
 
 
-def test_verify_names_a_metadata_json_that_is_a_directory(world, capsys):
+def test_verify_names_a_metadata_json_that_is_a_directory(world, cli):
     meta = world / "store" / "metadata.json"
     meta.unlink()
     meta.mkdir()
-    one_line(*run_cli(["verify", world / "store"], capsys), "metadata.json", "is a directory")
+    one_line(*cli(["verify", world / "store"]), "metadata.json", "is a directory")
 
 
-def test_an_enormous_config_is_refused_before_allocating(world, capsys):
+def test_an_enormous_config_is_refused_before_allocating(world, cli):
     cfg_path = world / "run" / "config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["sae"]["n_latents"] = 1_000_000_000_000
     cfg_path.write_text(json.dumps(cfg))
-    one_line(*run_cli(["evaluate", world / "run", world / "store", "--no-progress"], capsys), "n_latents", "GiB")
-    one_line(
-        *run_cli(["train", world / "store", "--out", world / "big", "--n-latents", "10000000000000"], capsys), "GiB"
-    )
+    one_line(*cli(["evaluate", world / "run", world / "store", "--no-progress"]), "n_latents", "GiB")
+    one_line(*cli(["train", world / "store", "--out", world / "big", "--n-latents", "10000000000000"]), "GiB")
+    for flags in (["--batch-size", "1000000000000"], ["--n-latents", "30000000", "--k", "4"]):
+        one_line(*cli(["train", world / "store", "--out", world / "big", *flags]), "for one step", "GiB")
     assert not (world / "big").exists()
 
 
-def test_parse_errors_are_one_line_and_help_is_whole(capsys):
+def test_parse_errors_are_one_line_and_help_is_whole(capsys, cli):
     for argv, needle in [
         (["train", "st", "--bogus", "1"], "Unrecognized options: --bogus"),
         (["train", "st", "--steps", "abc"], "--steps"),
@@ -135,7 +133,7 @@ def test_parse_errors_are_one_line_and_help_is_whole(capsys):
         (["bogus"], "unknown command 'bogus'"),
         ([], "no command given"),
     ]:
-        rc, err = run_cli(argv, capsys)
+        rc, err = cli(argv)
         one_line(rc, err, needle)
         assert "--help" in err[0]
     with pytest.raises(SystemExit) as e:

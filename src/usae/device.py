@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from usae.errors import UsaeError
@@ -25,3 +27,15 @@ def native_bf16(device: torch.device) -> bool:
         caps = torch.cpu.get_capabilities()
         return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
     return False
+
+
+def memory_bytes(device: torch.device) -> int | None:
+    """Total memory of ``device`` (a GPU's, or this machine's RAM for the CPU); None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type == "cpu":
+        try:
+            return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    return None

@@ -121,8 +121,13 @@ def test_an_enormous_config_is_refused_before_allocating(world, cli):
     one_line(*cli(["evaluate", world / "run", world / "store", "--no-progress"]), "n_latents", "GiB")
     one_line(*cli(["train", world / "store", "--out", world / "big", "--n-latents", "10000000000000"]), "GiB")
     for flags in (["--batch-size", "1000000000000"], ["--n-latents", "30000000", "--k", "4"]):
-        one_line(*cli(["train", world / "store", "--out", world / "big", *flags]), "for one step", "GiB")
-    assert not (world / "big").exists()
+        one_line(*cli(["train", world / "store", "--out", world / "big", *flags]), "one step of", "GiB")
+    cfg["sae"]["n_latents"] = 16
+    cfg_path.write_text(json.dumps(cfg))
+    batch = ["--batch-size", "100000000000"]
+    one_line(*cli(["evaluate", world / "run", world / "store", "--out", world / "rep", *batch]), "a batch of", "GiB")
+    one_line(*cli(["maximize", world / "run", "--concept", "0", "--out", "/"]), "file-system root")
+    assert not (world / "big").exists() and not (world / "rep").exists()
 
 
 def test_parse_errors_are_one_line_and_help_is_whole(capsys, cli):

@@ -39,3 +39,12 @@ def memory_bytes(device: torch.device) -> int | None:
         except (ValueError, OSError, AttributeError):
             return None
     return None
+
+
+def require_memory(device: torch.device, need: int, what: str, fix: str) -> None:
+    """One-line UsaeError when ``need`` bytes exceed ``device``'s memory (checked before allocating)."""
+    have = memory_bytes(device)
+    if have and need > have:
+        raise UsaeError(
+            f"{what} needs at least {need / 2**30:,.1f} GiB, more than the {have / 2**30:,.1f} GiB of {device.type}; {fix}"
+        )

@@ -81,6 +81,14 @@ class SAEConfig:
         s = self.n_latents
         return 4 * sum(2 * s * d + s + 3 * d for d in self.widths.values())
 
+    def batch_bytes(self, batch_size: int, training: bool = True) -> int:
+        """A lower bound on the memory one batch of ``batch_size`` rows takes: the parameters (with
+        gradients and two Adam moments when ``training``), every model's rows and reconstructions,
+        and the (batch, n_latents) pre-activations (and their gradient when ``training``)."""
+        copies = 4 if training else 1
+        rows = 2 * sum(self.widths.values()) + (2 if training else 1) * self.n_latents
+        return copies * self.parameter_bytes() + 4 * batch_size * rows
+
 
 def _physical_memory_bytes() -> int | None:
     """This machine's RAM (None where the platform does not say)."""

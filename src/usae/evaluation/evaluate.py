@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from usae._io import check_output, output_dir, read_json, write_json_atomic
 from usae.config import EvalConfig, LabelConfig
 from usae.data.store import Store, open_store
-from usae.device import resolve_device
+from usae.device import require_memory, resolve_device
 from usae.errors import UsaeError
 from usae.evaluation.classes import classify, thresholds_of
 from usae.evaluation.labeling import LABELS_JSON, label, naming_summary
@@ -231,6 +231,12 @@ def evaluate_cli(cfg: EvalConfig) -> list[dict[str, Any]]:
     # Reports go into the run or a directory of their own, never into a store or other artifact.
     check_output(out_dir, ("", "usae-run"), reading=cfg.stores, replaces=False)
     sae = load(cfg.run, device=resolve_device(cfg.device))
+    require_memory(
+        resolve_device(cfg.device),
+        sae.cfg.batch_bytes(cfg.batch_size, training=False),
+        f"a batch of --batch-size {cfg.batch_size} x {sae.n_latents} concepts",
+        "lower --batch-size",
+    )
     with output_dir(out_dir):  # a failed evaluation leaves no empty --out
         return _evaluate_into(cfg, sae, out_dir, json_paths)
 

@@ -25,7 +25,7 @@ from usae import distributed
 from usae.config import TrainConfig
 from usae.data.loader import DataOrder, Loader
 from usae.data.store import Store, open_store
-from usae.device import memory_bytes, resolve_device
+from usae.device import require_memory, resolve_device
 from usae.distributed import World
 from usae.errors import UsaeError
 from usae.model.sae import UniversalSAE
@@ -107,7 +107,12 @@ def _check_models(cfg: TrainConfig, store: Store) -> list[str]:
             raise UsaeError(f"--models: {name!r} is not in store {store.path} (models: {store.model_names})")
     if cfg.batch_size > store.n_rows:
         log.warning("batch_size %d exceeds the store's %d rows; rows repeat in a batch", cfg.batch_size, store.n_rows)
-    _check_step_memory(cfg, sum(store.widths[n] for n in names))
+    require_memory(
+        resolve_device(cfg.device),
+        cfg.sae_config({n: store.widths[n] for n in names}).batch_bytes(cfg.batch_size),
+        f"one step of --batch-size {cfg.batch_size} x --n-latents {cfg.n_latents}",
+        "lower --batch-size or --n-latents",
+    )
     passes = cfg.steps * cfg.batch_size / store.n_rows
     log.info(
         "training %d steps x %d rows = %.1f passes over the store's %d rows",
@@ -124,23 +129,6 @@ def _check_models(cfg: TrainConfig, store: Store) -> list[str]:
             store.n_rows,
         )
     return names
-
-
-def _check_step_memory(cfg: TrainConfig, width_sum: int) -> None:
-    """Refuse, before allocating, a step that cannot fit the device: one line with what it needs.
-
-    A lower bound: parameters with their gradients and two Adam moments, one batch of every
-    model's rows, and the (batch, n_latents) pre-activations with their gradient.
-    """
-    device = resolve_device(cfg.device)
-    have = memory_bytes(device)
-    params = cfg.sae_config({"_": width_sum}).parameter_bytes()
-    need = 4 * params + 4 * cfg.batch_size * (2 * width_sum + 2 * cfg.n_latents)
-    if have and need > have:
-        raise UsaeError(
-            f"--batch-size {cfg.batch_size} x --n-latents {cfg.n_latents} needs at least {need / 2**30:,.1f} GiB "
-            f"for one step, more than the {have / 2**30:,.1f} GiB of {device.type}; lower --batch-size or --n-latents"
-        )
 
 
 def fit(cfg: TrainConfig) -> FitResult:

@@ -279,7 +279,8 @@ def check_output(
       - is a file-system root, or an existing file;
       - is or lies inside an input in ``reading`` (the store or run being read), or contains one
         when the command ``replaces`` the whole directory;
-      - holds another usae artifact (a store, a run, ...), even with ``overwrite``;
+      - holds another usae artifact (a store, a run, ...), even with ``overwrite``; or holds one of
+        ``fmt`` that the command ``replaces``, unless ``overwrite``;
       - is a non-empty directory that is not a usae artifact, unless ``overwrite`` — and even then
         when the command ``replaces`` the whole directory (--overwrite never deletes a foreign one).
     Leftovers of a killed writer (its lock file, ``*.tmp``) do not count as content. Returns the
@@ -305,8 +306,10 @@ def check_output(
         return path
     held = artifact_format(path)
     if held is not None:
+        if held in formats and replaces and not overwrite:
+            raise UsaeError(f"{flag} {given}: already exists as a {held} directory; pass --overwrite to replace it")
         if held in formats:
-            return path  # the command's own resume/overwrite rules apply
+            return path  # written into (a run's reports, or the command's own resume rules)
         raise UsaeError(f"{flag} {given}: holds a {held} directory; pick another path")
     if "" in formats:
         return path

@@ -99,8 +99,6 @@ def encode_store(cfg: EncodeConfig) -> Path:
     from usae.run import load, read_run_config
 
     out = check_output(cfg.out, FORMAT, overwrite=cfg.overwrite, reading=(cfg.run, cfg.store), replaces=True)
-    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        raise UsaeError(f"{cfg.out} already exists; pass --overwrite to replace it")
     device = resolve_device(cfg.device)
     sae = load(cfg.run, device=device)
     store = open_store(cfg.store)

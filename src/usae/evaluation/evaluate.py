@@ -230,9 +230,10 @@ def evaluate_cli(cfg: EvalConfig) -> list[dict[str, Any]]:
     out_dir, json_paths = _report_paths(cfg)
     # Reports go into the run or a directory of their own, never into a store or other artifact.
     check_output(out_dir, ("", "usae-run"), reading=cfg.stores, replaces=False)
-    sae = load(cfg.run, device=resolve_device(cfg.device))
+    device = resolve_device(cfg.device)
+    sae = load(cfg.run, device=device)
     require_memory(
-        resolve_device(cfg.device),
+        device,
         sae.cfg.batch_bytes(cfg.batch_size, training=False),
         f"a batch of --batch-size {cfg.batch_size} x {sae.n_latents} concepts",
         "lower --batch-size",

@@ -296,15 +296,9 @@ def _model_names(cfg: ExtractConfig, backbones: list[Backbone] | None) -> list[s
 def _check_outputs(cfg: ExtractConfig) -> Path:
     """Refuse, before anything is loaded or written, an --out (or its OUT-val twin) that would clobber."""
     out = check_output(cfg.out, "usae-store", overwrite=cfg.overwrite, reading=(), replaces=True)
-    if (out / "metadata.json").is_file() and not cfg.overwrite:
-        raise UsaeError(f"store {out} already exists; pass --overwrite to replace it")
     if cfg.val_fraction > 0:
-        val = val_store_path(out)
-        check_output(
-            val, "usae-store", overwrite=cfg.overwrite, replaces=True, flag=f"--out {cfg.out}: its held-out store"
-        )
-        if (val / "metadata.json").is_file() and not cfg.overwrite:
-            raise UsaeError(f"held-out store {val} already exists; pass --overwrite to replace it")
+        flag = f"--out {cfg.out}: its held-out store"
+        check_output(val_store_path(out), "usae-store", overwrite=cfg.overwrite, replaces=True, flag=flag)
     parts = parts_dir_for(out)
     foreign = (parts.exists() or parts.is_symlink()) and not (parts / PLAN_NAME).is_file()
     if foreign and (not parts.is_dir() or any(parts.iterdir())):

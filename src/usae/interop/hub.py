@@ -199,8 +199,6 @@ def export_run(
     """
     run_dir = Path(run_dir)
     out = check_output(out, FORMAT, overwrite=overwrite, reading=(run_dir,))
-    if not overwrite and out.is_dir() and any(out.iterdir()):
-        raise UsaeError(f"--out {out}: already holds a pretrained directory; pass --overwrite to replace it")
     run_cfg = read_run_config(run_dir, ("usae-run",), older_ok=True)
     sae = load_artifact(run_dir)
     store = run_cfg.get("store") if isinstance(run_cfg.get("store"), dict) else {}

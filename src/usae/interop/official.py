@@ -36,7 +36,7 @@ from usae._io import check_output, load_tensors
 from usae.config import SAEConfig
 from usae.errors import UsaeError
 from usae.model.sae import UniversalSAE
-from usae.run import CONFIG_NAME, run_config, save_run
+from usae.run import run_config, save_run
 
 log = logging.getLogger(__name__)
 
@@ -262,8 +262,6 @@ def import_official(
     """
     config_yaml, checkpoint_dir, out = Path(config_yaml), Path(checkpoint_dir), Path(out)
     check_output(out, "usae-run", overwrite=overwrite, reading=(config_yaml, checkpoint_dir))
-    if (out / CONFIG_NAME).exists() and not overwrite:
-        raise UsaeError(f"{out} already holds a run; pass --overwrite to replace it")
     if not checkpoint_dir.is_dir():
         raise UsaeError(f"{checkpoint_dir}: no such checkpoint directory")
     cfg = read_official_config(config_yaml)

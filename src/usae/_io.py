@@ -108,6 +108,11 @@ def write_atomic(path: Path, write: Callable[[IO[Any]], None], mode: str = "w") 
         raise UsaeError(f"{path}: could not write ({e.strerror or e}); the previous file is unchanged") from None
 
 
+def save_figure(fig: Any, path: Path, dpi: int = 110) -> None:
+    """Save a matplotlib figure as PNG through :func:`write_atomic` (every figure goes here)."""
+    write_atomic(Path(path), lambda f: fig.savefig(f, format="png", dpi=dpi), "wb")
+
+
 def write_json_atomic(path: Path, data: Any, indent: int = 2) -> None:
     """JSON to ``path`` with :func:`write_atomic` (never half-written)."""
     write_atomic(path, lambda f: f.write(json.dumps(data, indent=indent) + "\n"))

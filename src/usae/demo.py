@@ -20,11 +20,13 @@ from usae._io import check_output, write_json_atomic
 from usae.config import DemoConfig, EvalConfig, ExtractConfig, LabelConfig, SynthConfig, TrainConfig
 from usae.data.synth import load_truth, recovery, truth_path, write_world
 from usae.device import resolve_device
-from usae.evaluation.evaluate import evaluate, evaluate_cli
-from usae.evaluation.labeling import label
-from usae.evaluation.splice import splice, write_splice
+from usae.evaluation.classes import energy_share
+from usae.evaluation.evaluate import evaluate, evaluate_cli, format_summary
+from usae.evaluation.fidelity.splice import format_splice, splice, write_splice
+from usae.evaluation.naming.label import artifact_marks, border_share_by_chance, label
 from usae.explorer.site import explore
 from usae.extraction.extract import extract, val_store_path
+from usae.model.metrics import self_cross_means
 from usae.run import finished_run, load
 from usae.training.fit import fit
 
@@ -127,3 +129,67 @@ def run_synthetic_demo(cfg: DemoConfig) -> dict[str, Any]:
     summary = {"recovery": rec, "run": str(run_dir), "report": str(run_dir / "report.json"), "report_data": report}
     write_json_atomic(cfg.out / "summary.json", {k: v for k, v in summary.items() if k != "report_data"})
     return summary
+
+
+def demo_command(cfg: DemoConfig) -> str:
+    """``usae demo``: run it; what the command prints."""
+    summary = run_synthetic_demo(cfg) if cfg.synthetic else run_demo(cfg)
+    report = summary["report_data"]
+    lines = []
+    if summary.get("evaluated_on"):
+        lines.append(f"measured on held-out images: {summary['evaluated_on']} ({report['n_rows']} rows)")
+    lines.append(format_summary(report))
+    if summary.get("r2_in_sample"):
+        lines.append("\n" + format_r2_gap(report, summary["r2_in_sample"]))
+    if summary.get("splice_data"):
+        lines.append("\n" + format_splice(summary["splice_data"]))
+    if summary.get("labels_data"):
+        lines.append("\n" + format_named(summary["labels_data"], report))
+    if "recovery" in summary:
+        lines.append("\nplanted concepts recovered (cosine > 0.9 in every owning model):")
+        lines += [f"  {kind:10s} {100 * frac:5.1f}%" for kind, frac in summary["recovery"].items()]
+    if summary.get("timings"):
+        lines.append(
+            "\ntimes: " + ", ".join(f"{k.removesuffix('_s')} {v:.0f} s" for k, v in summary["timings"].items())
+        )
+    lines.append(f"\nrun: {summary['run']}\nreport: {summary['report']}")
+    if summary.get("explorer"):
+        lines.append(f"concept explorer: {summary['explorer']}")
+    return "\n".join(lines)
+
+
+def format_r2_gap(report: dict, r2_in_sample: list[list[float]]) -> str:
+    """Mean self and cross R², held-out vs in-sample (the images the dictionary was trained on)."""
+
+    (hs, hc), (ts, tc) = self_cross_means(report["r2_matrix"]), self_cross_means(r2_in_sample)
+    hc, tc = hc or 0.0, tc or 0.0
+    return (
+        f"R² held-out vs in-sample: self {hs:.3f} vs {ts:.3f} (gap {ts - hs:+.3f}), "
+        f"cross {hc:.3f} vs {tc:.3f} (gap {tc - hc:+.3f})"
+    )
+
+
+def format_named(labels: dict, report: dict, n_show: int = 8) -> str:
+    """Per label family: the top universal concepts (by normalised energy) named alike in every model."""
+    classes, names = report["classes"]["labels"], report["model_names"]
+    share_s = energy_share(report).sum(0)
+    base = border_share_by_chance(labels, tuple(labels["store"].get("grid") or (1, 1)))
+    lines = []
+    for fam, f in labels["families"].items():
+        universal = [k for k, e in f["concepts"].items() if e.get("agrees") and classes[int(k)] == "universal"]
+        summary, control = f["summary"], f["shuffled"]
+        lines.append(
+            f"{fam} labels ({f['level']} level): {len(universal)} universal concepts get the same name in every "
+            f"model (all classes {summary['agreed']}; shuffled labels {control['agreed']}; FDR p <= {summary['p_threshold']:.2g})"
+        )
+        for k in sorted(universal, key=lambda k: -share_s[int(k)])[:n_show]:
+            e = f["concepts"][k]
+            per = "; ".join(
+                f"{n} p@N {e[n]['precision_at_n']:.2f} vs chance {e[n]['precision_at_n'] / max(e[n]['lift'], 1e-9):.2f}, p {e[n]['p_value']:.2g}"
+                for n in names
+                if isinstance(e.get(n), dict)
+            )
+            marks = [m["kind"] for m in artifact_marks(labels.get("artifacts", {}), int(k), names, base)]
+            flag = f" (artifact: {', '.join(marks)})" if marks else ""
+            lines.append(f"  concept {k}: {e['best']}{flag} [{per}]")
+    return "\n".join(lines)

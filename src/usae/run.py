@@ -20,6 +20,8 @@ import torch
 from usae._io import load_tensors, read_json, save_tensors_atomic, write_json_atomic
 from usae._version import __version__
 from usae.config import SAEConfig, TrainConfig, from_json_dict, to_json_dict
+from usae.data.store import Store, open_store
+from usae.device import resolve_device
 from usae.errors import UsaeError
 from usae.model.sae import UniversalSAE
 
@@ -239,3 +241,51 @@ def run_reports(run_dir: str | Path) -> list[Path]:
     """The evaluation reports in a run directory: report.json, then report-<store>.json by name."""
     run_dir = Path(run_dir)
     return [p for pattern in REPORT_GLOBS for p in sorted(run_dir.glob(pattern)) if p.is_file()]
+
+
+# -- a run beside a store ---------------------------------------------------------------------
+def open_run_store(
+    run: str | Path | UniversalSAE, store: str | Path | Store, device: str
+) -> tuple[UniversalSAE, Store]:
+    sae = run if isinstance(run, UniversalSAE) else load(run, device=resolve_device(device))
+    store = store if isinstance(store, Store) else open_store(store)
+    missing = [n for n in sae.model_names if store.widths.get(n) != sae.cfg.widths[n]]
+    if missing:
+        raise UsaeError(f"store {store.path} lacks the run's models {missing} at the run's widths")
+    return sae.eval(), store
+
+
+def trained_store_dir(run: str | Path) -> Path:
+    """The directory of the store a run was trained on, from any working directory.
+
+    RUN/config.json records it absolute; a relative path (older runs) is tried against the current
+    directory and then the run directory's parent and each of its parents, keeping the first
+    directory whose store has the recorded content hash (any store when no hash is recorded).
+    One-line UsaeError when none is found.
+    """
+    where = Path(run) / "config.json"
+    recorded = read_run_config(Path(run), ("usae-run", "usae-pretrained"), older_ok=True).get("store") or {}
+    path = recorded.get("path")
+    if not isinstance(path, str) or not path:
+        raise UsaeError(f"{where}: records no store (field 'store.path'); pass --store")
+    given = Path(path).expanduser()
+    if given.is_absolute():
+        if given.is_dir():
+            return given
+        raise UsaeError(f"{where}: field 'store.path' ({path}) is not a store here; pass --store")
+    run_abs = Path(run).absolute()
+    for base in dict.fromkeys([Path.cwd(), run_abs.parent, *run_abs.parent.parents]):
+        if (base / given).is_dir() and _has_hash(base / given, recorded.get("hash")):
+            return base / given
+    raise UsaeError(
+        f"{where}: field 'store.path' ({path}) is relative and no store with the run's hash was found from the "
+        "current directory or the run's parent directories; pass --store"
+    )
+
+
+def _has_hash(store_dir: Path, expected: str | None) -> bool:
+    """Whether ``store_dir`` is a store with content hash ``expected`` (any store when None)."""
+    try:
+        return expected is None or open_store(store_dir).hash == expected
+    except UsaeError:
+        return False

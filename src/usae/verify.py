@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from usae._io import load_tensors, read_json, safetensors_metadata
+from usae.config import VerifyConfig
 from usae.data.codes import open_codes
 from usae.data.store import open_store
 from usae.errors import UsaeError
@@ -46,3 +47,8 @@ def verify(path: str | Path) -> str:
         check_trainer(load_tensors(ckpt.path / "trainer.safetensors"), copy, ckpt.path / "trainer.safetensors")
         n_ckpt += 1
     return f"ok: {path} ({len(sae.model_names)} models, {sae.n_latents} concepts, {n_ckpt} checkpoints)"
+
+
+def verify_command(cfg: VerifyConfig) -> str:
+    """``usae verify``: what the command prints."""
+    return verify(cfg.path)

@@ -58,7 +58,7 @@ def test_codes_equal_encode_and_are_documented(small_store, tmp_path):
     (tmp_path / "other/thesis.tex").write_text("x")
     with pytest.raises(UsaeError, match="not a usae artifact; --overwrite only replaces a usae-codes directory"):
         from usae.config import EncodeConfig
-        from usae.data.codes import encode_store
+        from usae.evaluation.encode import encode_store
 
         encode_store(EncodeConfig(run=run, store=small_store, out=tmp_path / "other", overwrite=True, progress=False))
     assert (tmp_path / "other/thesis.tex").exists()
@@ -108,7 +108,7 @@ def test_codes_record_absolute_paths(small_store, tmp_path, monkeypatch):
 
 def test_encode_progress_counts_rows(small_store, tmp_path, monkeypatch):
     """The bar counts store rows, as the log line does, whatever the number of models."""
-    import usae.data.codes as codes_mod
+    import usae.evaluation.encode as codes_mod
 
     bars = []
 
@@ -133,7 +133,7 @@ def test_encode_progress_counts_rows(small_store, tmp_path, monkeypatch):
 
 def test_encode_out_is_checked_before_writing(small_store, tmp_path, capsys, monkeypatch):
     """--out may not be the store or the run, nor lie inside them; a failed command leaves no new directory."""
-    import usae.data.codes as codes_mod
+    import usae.evaluation.encode as codes_mod
 
     run, _ = _run(tmp_path, small_store)
     before = sorted(small_store.rglob("*")), sorted(run.rglob("*"))

@@ -18,7 +18,7 @@ import usae
 from usae.config import EvalConfig, ExtractConfig, LabelConfig
 from usae.errors import UsaeError
 from usae.evaluation.evaluate import evaluate_cli
-from usae.evaluation.labeling import NAMES_JSON, concept_names, format_labels, label
+from usae.evaluation.naming.label import NAMES_JSON, concept_names, format_labels, label
 from usae.extraction.extract import extract, val_store_path
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 40, 220), "green": (30, 180, 40)}

@@ -10,7 +10,7 @@ from scipy import sparse
 from sklearn.metrics import roc_auc_score
 
 from usae.errors import UsaeError
-from usae.evaluation import naming as nm
+from usae.evaluation.naming import scores as nm
 
 # ----------------------------------------------------------------------------- hand-computed answers
 

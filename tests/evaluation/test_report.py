@@ -13,7 +13,7 @@ from usae.config import TrainConfig
 from usae.data.store import write_store
 from usae.evaluation.classes import energy_share
 from usae.evaluation.evaluate import evaluate
-from usae.evaluation.report import (
+from usae.evaluation.report.markdown import (
     ClassThresholds,
     class_counts,
     classify,

@@ -20,8 +20,7 @@ from torch import nn
 
 from usae.config import ExtractConfig, SAEConfig
 from usae.errors import UsaeError
-from usae.evaluation.splice import format_splice, splice, write_splice
-from usae.evaluation.splice_measures import (
+from usae.evaluation.fidelity.measures import (
     kl_to_clean,
     loss_recovered,
     map_correlation,
@@ -30,6 +29,7 @@ from usae.evaluation.splice_measures import (
     tokens_to_native,
     top1_agreement,
 )
+from usae.evaluation.fidelity.splice import format_splice, splice, write_splice
 from usae.extraction.backbones import TorchBackbone, load_backbone
 from usae.extraction.backbones.base import from_bdhw, to_bdhw
 from usae.extraction.extract import extract

@@ -20,7 +20,7 @@ from explore_world import EVIL_LABEL, ODD_NAME, scored_labels, shared_world
 import usae
 from usae.__main__ import main
 from usae.errors import UsaeError
-from usae.evaluation.report import format_number
+from usae.evaluation.report.markdown import format_number
 from usae.explorer.concepts import (
     image_layout,
     image_max_codes,
@@ -217,7 +217,7 @@ def labelled(world, tmp_path_factory) -> dict:
     """A site of a run holding RUN/labels.json from `usae label` (found without --labels), with planted
     label names (a script, unicode with '/' and spaces) and planted artifact shares."""
     from usae.config import LabelConfig
-    from usae.evaluation.labeling import label
+    from usae.evaluation.naming.label import label
 
     root = tmp_path_factory.mktemp("labelled")
     run = root / "run"

@@ -5,31 +5,13 @@ and ``usae --help`` starts without torch.
 """
 
 from usae.config.convert import from_json_dict, refuse_invalid, to_json_dict
-from usae.config.stages import (
-    Activation,
-    DecoderNorm,
-    DemoConfig,
-    Encoder,
-    EvalConfig,
-    ExploreConfig,
-    ExtractConfig,
-    MaximizeConfig,
-    Normalization,
-    Rule,
-    SAEConfig,
-    SynthConfig,
-    TrainConfig,
-)
-from usae.config.tools import (
-    AblateConfig,
-    BaselineConfig,
-    EncodeConfig,
-    ExportConfig,
-    ImportOfficialConfig,
-    LabelConfig,
-    SpliceConfig,
-    VerifyConfig,
-)
+from usae.config.data import EncodeConfig, SynthConfig, VerifyConfig
+from usae.config.evaluate import EvalConfig, LabelConfig, SpliceConfig
+from usae.config.experiments import AblateConfig, BaselineConfig, DemoConfig
+from usae.config.explore import ExploreConfig, MaximizeConfig
+from usae.config.extract import ExtractConfig
+from usae.config.interop import ExportConfig, ImportOfficialConfig
+from usae.config.train import Activation, DecoderNorm, Encoder, Normalization, Rule, SAEConfig, TrainConfig
 
 __all__ = [
     "AblateConfig",

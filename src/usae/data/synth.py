@@ -421,3 +421,8 @@ def truth_path(store_dir: Path) -> Path:
     """Where `usae synth` puts a world's ground truth: beside the store, STORE.truth.safetensors."""
     store_dir = Path(store_dir)
     return store_dir.with_name(store_dir.name + ".truth.safetensors")
+
+
+def synth_command(cfg: SynthConfig) -> str:
+    """``usae synth``: write the world; what the command prints."""
+    return f"store: {write_world(cfg)}"

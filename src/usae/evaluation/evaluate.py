@@ -20,8 +20,8 @@ from usae.data.store import Store, open_store
 from usae.device import require_memory, resolve_device
 from usae.errors import UsaeError
 from usae.evaluation.classes import classify, thresholds_of
-from usae.evaluation.labeling import LABELS_JSON, label, naming_summary
-from usae.evaluation.splice_measures import SPLICE_JSON
+from usae.evaluation.fidelity.measures import SPLICE_JSON
+from usae.evaluation.naming.label import LABELS_JSON, label, naming_summary
 from usae.model import metrics
 from usae.model.sae import UniversalSAE, dense
 from usae.run import load, trained_store_hash
@@ -265,7 +265,7 @@ def _evaluate_into(cfg: EvalConfig, sae: UniversalSAE, out_dir: Path, json_paths
             )
         )
     if cfg.report:
-        from usae.evaluation.report import write_report  # matplotlib only when rendering
+        from usae.evaluation.report.markdown import write_report  # matplotlib only when rendering
 
         baselines_path = cfg.run / "baselines.json"
         baselines = read_json(baselines_path, "baselines") if baselines_path.is_file() else None
@@ -321,3 +321,38 @@ def _report_names(stores: tuple[Path, ...]) -> list[str]:
         return ["report.json"]
     names = [Path(s).name for s in stores]
     return [f"report-{n}.json" if names.count(n) == 1 else f"report-{n}-{i + 1}.json" for i, n in enumerate(names)]
+
+
+def format_summary(report: dict) -> str:
+    """A short text table of a report: the R² matrix and per-model FVU / L0 / dead."""
+    names = report["model_names"]
+    width = max(8, *(len(n) for n in names)) + 1
+    lines = ["cross-reconstruction R² (row: encode with, column: decode to)"]
+    lines.append(" " * width + "".join(n.rjust(width) for n in names))
+    for src, row in zip(names, report["r2_matrix"], strict=True):
+        lines.append(src.ljust(width) + "".join(f"{v:{width}.3f}" for v in row))
+    lines.append("")
+    lines.append("model".ljust(width) + "FVU".rjust(width) + "L0".rjust(width) + "dead%".rjust(width))
+    for n in names:
+        fvu, l0, dead = report["fvu"][n], report["l0"][n], 100 * report["dead_fraction"][n]
+        lines.append(n.ljust(width) + f"{fvu:{width}.3f}{l0:{width}.1f}{dead:{width}.1f}")
+    counts = report["classes"]["counts"]
+    lines.append("")
+    lines.append(
+        "concepts: "
+        + ", ".join(f"{c} {counts[c]}" for c in ("universal", "partial", "specific", "rare", "dead") if c in counts)
+    )
+    return "\n".join(lines)
+
+
+def evaluate_command(cfg: EvalConfig) -> str:
+    """``usae evaluate``: write the reports; what the command prints."""
+    reports = evaluate_cli(cfg)
+    parts = []
+    for report in reports:
+        if len(reports) > 1:
+            parts.append(f"\n== store {report['store']['path']}")
+        parts.append(format_summary(report))
+    if cfg.report:
+        parts.append(f"\nreport: {(cfg.out or cfg.run) / 'report.md'}")
+    return "\n".join(parts)

@@ -203,3 +203,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         return f"{v:.3f}" if isinstance(v, float) else str(v)
 
     return _TABLE.render(columns=COLUMNS, rows=rows, fmt=fmt) + f"\ntokens_per_s: {TOKENS_PER_S_NOTE}.\n"
+
+
+def ablate_command(cfg: AblateConfig) -> str:
+    """``usae ablate``: what the command prints."""
+    return format_table(ablate(cfg))

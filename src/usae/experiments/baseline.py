@@ -157,3 +157,27 @@ def baseline_cli(cfg: BaselineConfig) -> dict[str, Any]:
     """``usae baseline RUN STORE``: ``run_baselines`` with the config's settings."""
     kwargs = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in ("run", "store")}
     return run_baselines(cfg.run, cfg.store, **kwargs)
+
+
+def format_baselines(result: dict) -> str:
+    """A short text summary of RUN/baselines.json."""
+    lines = ["latent matching (fraction of pairs with activation correlation > threshold)"]
+    for p in result["matching"]:
+        ind, usae = p["independent"], p["usae_same_index"]
+        lines.append(
+            f"  {' / '.join(p['models'])}: independent+Hungarian {ind['matched_fraction']:.3f}, USAE {usae['matched_fraction']:.3f}"
+        )
+    lines.append("dictionary agreement, USAE vs independent (cosine > 0.5 after Hungarian; random directions)")
+    for name, a in result["dictionary_agreement"].items():
+        lines.append(f"  {name}: {a['fraction_above']:.3f} (random {a['random_fraction_above']:.3f})")
+    if "recovery" in result:
+        rec = result["recovery"]
+        lines.append(
+            f"planted universal concepts recovered: USAE {rec['usae']['universal']:.3f}, independent {rec['independent_matched']['universal']:.3f}"
+        )
+    return "\n".join(lines)
+
+
+def baseline_command(cfg: BaselineConfig) -> str:
+    """``usae baseline``: what the command prints."""
+    return format_baselines(baseline_cli(cfg))

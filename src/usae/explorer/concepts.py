@@ -7,7 +7,7 @@
     images/<j>.html       one image: which concepts fire in which model ("who sees what")
     img/<j>.jpg           canonical view of store image j (what every backbone saw)
     max/<k>/*.png         coordinated activation maximisation of concept k, when it was run
-    figures/*.png         report figures (usae.evaluation.report)
+    figures/*.png         report figures (usae.evaluation.report.markdown)
     assets/               explorer.css, explorer.js (sorting, filtering, heatmap drawing), colormap.js
 
 An image's score for a concept is the concept's largest code over the image's tokens. The top-N
@@ -34,11 +34,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from usae._io import one_line
-from usae.data.store import Store, open_store
+from usae.data.store import Store
 from usae.errors import UsaeError
 from usae.extraction.images import ImageLayout, image_layout, load_source_image, source_of
 from usae.model.sae import SparseCode, UniversalSAE
-from usae.run import load, read_run_config
+from usae.run import open_run_store
 
 log = logging.getLogger(__name__)
 
@@ -219,55 +219,6 @@ def overlay(
     colour = colormap_lut()[np.round(v_ss * 255).astype(np.int64)].astype(np.float32)
     a = (alpha * v_ss)[..., None]
     return Image.fromarray(np.round(view * (1 - a) + colour * a).astype(np.uint8))
-
-
-def open_run_store(
-    run: str | Path | UniversalSAE, store: str | Path | Store, device: str
-) -> tuple[UniversalSAE, Store]:
-    from usae.device import resolve_device
-
-    sae = run if isinstance(run, UniversalSAE) else load(run, device=resolve_device(device))
-    store = store if isinstance(store, Store) else open_store(store)
-    missing = [n for n in sae.model_names if store.widths.get(n) != sae.cfg.widths[n]]
-    if missing:
-        raise UsaeError(f"store {store.path} lacks the run's models {missing} at the run's widths")
-    return sae.eval(), store
-
-
-def trained_store_dir(run: str | Path) -> Path:
-    """The directory of the store a run was trained on, from any working directory.
-
-    RUN/config.json records it absolute; a relative path (older runs) is tried against the current
-    directory and then the run directory's parent and each of its parents, keeping the first
-    directory whose store has the recorded content hash (any store when no hash is recorded).
-    One-line UsaeError when none is found.
-    """
-    where = Path(run) / "config.json"
-    recorded = read_run_config(Path(run), ("usae-run", "usae-pretrained"), older_ok=True).get("store") or {}
-    path = recorded.get("path")
-    if not isinstance(path, str) or not path:
-        raise UsaeError(f"{where}: records no store (field 'store.path'); pass --store")
-    given = Path(path).expanduser()
-    if given.is_absolute():
-        if given.is_dir():
-            return given
-        raise UsaeError(f"{where}: field 'store.path' ({path}) is not a store here; pass --store")
-    run_abs = Path(run).absolute()
-    for base in dict.fromkeys([Path.cwd(), run_abs.parent, *run_abs.parent.parents]):
-        if (base / given).is_dir() and _has_hash(base / given, recorded.get("hash")):
-            return base / given
-    raise UsaeError(
-        f"{where}: field 'store.path' ({path}) is relative and no store with the run's hash was found from the "
-        "current directory or the run's parent directories; pass --store"
-    )
-
-
-def _has_hash(store_dir: Path, expected: str | None) -> bool:
-    """Whether ``store_dir`` is a store with content hash ``expected`` (any store when None)."""
-    try:
-        return expected is None or open_store(store_dir).hash == expected
-    except UsaeError:
-        return False
 
 
 def _check_concept(sae: UniversalSAE, concept: int) -> int:

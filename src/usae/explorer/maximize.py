@@ -51,11 +51,11 @@ from usae._io import check_output, read_json, write_json_atomic
 from usae.config import MaximizeConfig
 from usae.data.store import Store, open_store
 from usae.errors import UsaeError
-from usae.explorer.concepts import scan_top_images, trained_store_dir, writing
+from usae.explorer.concepts import scan_top_images, writing
 from usae.explorer.maco import FourierImage, LatentObjective, random_crops, to_image
 from usae.explorer.spectrum import MAX_IMAGES, data_spectrum
 from usae.model.sae import UniversalSAE
-from usae.run import load
+from usae.run import load, trained_store_dir
 
 log = logging.getLogger(__name__)
 
@@ -440,3 +440,8 @@ def token_values_of(objective: LatentObjective, image: Image.Image | np.ndarray)
     pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)[None].float() / 255
     with torch.no_grad():
         return objective.token_values(pixels.to(device))[0].cpu().numpy()
+
+
+def maximize_command(cfg: MaximizeConfig) -> str:
+    """``usae maximize``: what the command prints."""
+    return "\n".join(f"maximisation: {out / 'panel.png'}" for out in maximize_cli(cfg))

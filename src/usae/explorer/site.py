@@ -21,15 +21,16 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from usae._io import check_output, output_dir, read_json
+from usae._io import check_output, output_dir, read_json, save_figure
 from usae.config import ExploreConfig
 from usae.data.store import Store
 from usae.errors import UsaeError
 from usae.evaluation import classes as concept_classes
-from usae.evaluation import figures as report_figures
 from usae.evaluation.evaluate import evaluate
-from usae.evaluation.labeling import ARTIFACT_TOP, artifact_marks, border_share_by_chance
-from usae.evaluation.report import format_number, store_labels
+from usae.evaluation.naming.label import ARTIFACT_TOP, artifact_marks, border_share_by_chance
+from usae.evaluation.report import figures as report_figures
+from usae.evaluation.report.markdown import store_labels
+from usae.evaluation.report.templating import environment
 from usae.explorer.concepts import (
     OVERLAY_ALPHA,
     SITE_MARKER,
@@ -39,12 +40,11 @@ from usae.explorer.concepts import (
     image_layout,
     iter_image_codes,
     load_view,
-    open_run_store,
     scan_top_images,
     write_page,
     writing,
 )
-from usae.explorer.labels import (
+from usae.explorer.label_pages import (
     ConceptLabels,
     all_label_names,
     artifact_summary,
@@ -58,20 +58,13 @@ from usae.explorer.labels import (
 )
 from usae.explorer.maximize import RESULT_NAME, concept_dir_re, maximize, write_maximization
 from usae.model.sae import UniversalSAE
-from usae.run import run_reports
+from usae.run import open_run_store, run_reports
 
 log = logging.getLogger(__name__)
 
 
 def _environment() -> jinja2.Environment:
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
-        autoescape=jinja2.select_autoescape(["html"], default_for_string=True),
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-    )
-    env.filters["num"] = format_number
+    env = environment(Path(__file__).parent / "templates", html=True)
     env.filters["short"] = lambda image_id: str(image_id).rstrip("/").rsplit("/", 1)[-1]  # paths: the file name
     return env
 
@@ -128,8 +121,7 @@ def _write_figures(report: dict[str, Any], fig_dir: Path) -> list[dict[str, str]
     }
     out = []
     for stem, (title, fig) in figures.items():
-        with writing(fig_dir / f"{stem}.png") as path:
-            fig.savefig(path, dpi=80)
+        save_figure(fig, fig_dir / f"{stem}.png", dpi=80)
         out.append({"src": f"figures/{stem}.png", "title": title})
     return out
 
@@ -438,3 +430,8 @@ def explore_cli(cfg: ExploreConfig) -> Path:
     shown = Path(os.path.abspath(cfg.out))  # as given (symlinks kept), for the log and the caller
     log.info("wrote concept explorer %s in %.1f s", shown / "index.html", time.perf_counter() - started)
     return shown / "index.html"
+
+
+def explore_command(cfg: ExploreConfig) -> str:
+    """``usae explore``: what the command prints."""
+    return f"concept explorer: {explore_cli(cfg)}"

@@ -372,3 +372,8 @@ def _extract(
         _finalize(ctx, n_parts)
     distributed.barrier(world)
     return out
+
+
+def extract_command(cfg: ExtractConfig) -> str:
+    """``usae extract``: what the command prints."""
+    return f"store: {extract(cfg)}"

@@ -24,7 +24,7 @@ import torch
 
 from usae._io import check_output, output_dir, save_tensors_atomic, write_json_atomic, write_text_atomic
 from usae._version import __version__
-from usae.config import to_json_dict
+from usae.config import ExportConfig, to_json_dict
 from usae.errors import UsaeError
 from usae.model.sae import UniversalSAE
 from usae.run import CONFIG_NAME, MODEL_NAME, SCHEMA_VERSION, read_run_config, run_reports
@@ -361,3 +361,11 @@ def _metric_lines(metrics: Any, names: list[str]) -> list[str]:
 
 def _num(v: Any) -> str:
     return f"{v:.3f}" if isinstance(v, int | float) else "-"
+
+
+def export_command(cfg: ExportConfig) -> str:
+    """``usae export``: what the command prints."""
+    out = export_run(
+        cfg.run, cfg.out, dtype=cfg.dtype, push_to_hub=cfg.push_to_hub, private=cfg.private, overwrite=cfg.overwrite
+    )
+    return f"pretrained: {out}" + (f"  hub: {cfg.push_to_hub}" if cfg.push_to_hub else "")

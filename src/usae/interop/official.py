@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 import torch
 
 from usae._io import check_output, load_tensors
-from usae.config import SAEConfig
+from usae.config import ImportOfficialConfig, SAEConfig
 from usae.errors import UsaeError
 from usae.model.sae import UniversalSAE
 from usae.run import run_config, save_run
@@ -289,3 +289,9 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def import_official_command(cfg: ImportOfficialConfig) -> str:
+    """``usae import-official``: what the command prints."""
+    sae = import_official(cfg.config_yaml, cfg.checkpoint_dir, cfg.out, overwrite=cfg.overwrite)
+    return f"run: {cfg.out}  models: {', '.join(sae.model_names)}  concepts: {sae.n_latents}  k: {sae.k}"

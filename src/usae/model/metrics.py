@@ -16,7 +16,7 @@ import math
 import torch
 from torch import Tensor
 
-from usae.config.stages import (  # the class rules' defaults
+from usae.config.evaluate import (  # the class rules' defaults
     MIN_COUNT,
     MIN_RATE,
     MIN_SHARE,
@@ -29,6 +29,15 @@ def r2_from_sums(sse: Tensor | float, sst: Tensor | float) -> Tensor:
     """R² = 1 - SSE / SST (SST: total squared deviation of the targets around their mean)."""
     sse, sst = torch.as_tensor(sse, dtype=torch.float64), torch.as_tensor(sst, dtype=torch.float64)
     return 1.0 - sse / sst
+
+
+def self_cross_means(r2_mm: list[list[float | None]]) -> tuple[float, float | None]:
+    """(mean self R², mean cross R²) of an (m, m) R² matrix [encode with, decode to]: the diagonal's
+    mean and the off-diagonal's (None for one model). Entries that are None (NaN in JSON) are skipped."""
+    m = len(r2_mm)
+    diag = [r2_mm[i][i] for i in range(m) if r2_mm[i][i] is not None]
+    off = [r2_mm[i][j] for i in range(m) for j in range(m) if i != j and r2_mm[i][j] is not None]
+    return (sum(diag) / len(diag) if diag else float("nan")), (sum(off) / len(off) if off else None)
 
 
 def sst_from_sums(

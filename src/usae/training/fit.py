@@ -405,3 +405,11 @@ def _record(run: _Run, step: int, lr: float, stats: StepStats) -> dict[str, floa
         if run.tracker is not None:
             run.tracker.log(rec)
     return rec
+
+
+def train_command(cfg: TrainConfig) -> str:
+    """``usae train``: fit, then what the command prints (training/summary.py)."""
+    from usae.training.summary import format_trained
+
+    result = fit(cfg)
+    return format_trained(result.sae, result.run_dir, cfg.store)

@@ -1,7 +1,7 @@
 """The update rules as one table: what each rule encodes, selects and steps.
 
 ``TrainConfig.rule`` names a row of :data:`RULES`; the trainer reads the row's fields and never
-compares rule names. To add a rule: add its name to ``config.stages.Rule`` and a row here (a
+compares rule names. To add a rule: add its name to ``config.train.Rule`` and a row here (a
 test checks that the two agree).
 """
 

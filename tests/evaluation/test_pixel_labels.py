@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from usae.errors import UsaeError
-from usae.extraction import pixel_labels as pl
+from usae.evaluation.naming import pixels as pl
 
 
 def solid(rgb: tuple[int, int, int], size: int = 32) -> np.ndarray:

@@ -50,11 +50,11 @@ from matplotlib.figure import Figure
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from usae._io import check_output, one_line, write_atomic, write_json_atomic
+from usae._io import check_output, one_line, save_figure, write_json_atomic
 from usae.data.store import Store, open_store
 from usae.device import resolve_device
 from usae.errors import UsaeError
-from usae.evaluation.splice_measures import (
+from usae.evaluation.fidelity.measures import (
     CONTROLS,
     MATRICES,
     SPLICE_JSON,
@@ -379,8 +379,7 @@ def write_splice(result: dict[str, Any], out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / SPLICE_JSON
     write_json_atomic(path, result)
-    fig = figure_splice(result)
-    write_atomic(out / SPLICE_PNG, lambda f: fig.savefig(f, format="png", dpi=110), "wb")
+    save_figure(figure_splice(result), out / SPLICE_PNG)
     log.info("wrote %s and %s", path, out / SPLICE_PNG)
     return path
 
@@ -439,3 +438,9 @@ def splice_cli(cfg: Any) -> tuple[dict[str, Any], Path]:
         progress=cfg.progress,
     )
     return result, write_splice(result, out)
+
+
+def splice_command(cfg: Any) -> str:
+    """``usae splice``: what the command prints."""
+    result, path = splice_cli(cfg)
+    return f"{format_splice(result)}\nsplice: {path}"

@@ -12,11 +12,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import jinja2
 import numpy as np
-from matplotlib.figure import Figure
 
-from usae._io import write_text_atomic
+from usae._io import save_figure, write_text_atomic
 from usae.errors import UsaeError
 from usae.evaluation.classes import (
     CLASSES,
@@ -27,7 +25,8 @@ from usae.evaluation.classes import (
     thresholds_of,
     top_concepts,
 )
-from usae.evaluation.figures import (
+from usae.evaluation.fidelity.splice import figure_splice, splice_table
+from usae.evaluation.report.figures import (
     figure_classes,
     figure_cofire_energy,
     figure_cofire_rank,
@@ -38,7 +37,7 @@ from usae.evaluation.figures import (
     figure_r2,
     loglog_pearson,
 )
-from usae.evaluation.splice import figure_splice, splice_table
+from usae.evaluation.report.templating import environment
 
 log = logging.getLogger(__name__)
 
@@ -58,28 +57,6 @@ def r2_gap(reports: list[dict[str, Any]]) -> dict[str, float] | None:
     out = {"held_self": held["r2_self_mean"], "in_self": seen["r2_self_mean"]}
     out |= {"held_cross": held["r2_cross_mean"], "in_cross": seen["r2_cross_mean"]}
     return out | {"gap_self": out["in_self"] - out["held_self"], "gap_cross": out["in_cross"] - out["held_cross"]}
-
-
-def format_number(v: Any) -> str:
-    """A table cell: '–' for missing, integers as is, floats to 3 significant digits."""
-    if v is None or (isinstance(v, float) and v != v):
-        return "–"
-    if isinstance(v, int | np.integer):
-        return str(int(v))
-    v = float(v) + 0.0  # -0.0 prints as "0"
-    return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.3e}"
-
-
-def _environment() -> jinja2.Environment:
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-    )
-    env.filters["num"] = format_number
-    return env
 
 
 def _store_context(report: dict[str, Any], label: str, thresholds: ClassThresholds, n_top: int) -> dict[str, Any]:
@@ -111,11 +88,6 @@ _SUMMARY_ROWS = [
     ("dead_fraction_all", "dead in every model (fraction)"),
     *((f"count_{c}", f"{c} concepts") for c in CLASSES),
 ]
-
-
-def _save(fig: Figure, path: Path) -> None:
-    fig.savefig(path, dpi=110)
-    log.debug("wrote %s", path)
 
 
 def write_report(
@@ -163,9 +135,9 @@ def write_report(
         figures["matching"] = figure_matching(baselines)
         figures["dictionary_agreement"] = figure_dictionary_agreement(baselines)
     for stem, fig in figures.items():
-        _save(fig, out_dir / f"{stem}.png")
+        save_figure(fig, out_dir / f"{stem}.png")
     text = (
-        _environment()
+        environment(Path(__file__).parent / "templates", html=False)
         .get_template("report.md.j2")
         .render(
             names=names,

@@ -20,7 +20,7 @@ from usae._io import read_json
 from usae.config import ExploreConfig
 from usae.data.store import Store
 from usae.errors import UsaeError
-from usae.evaluation.labeling import ARTIFACT_TOP, LABELS_JSON, concept_names
+from usae.evaluation.naming.label import ARTIFACT_TOP, LABELS_JSON, concept_names
 from usae.explorer.concepts import write_page, writing
 
 log = logging.getLogger(__name__)

@@ -29,10 +29,10 @@ from usae.data.store import Store, open_store
 from usae.device import resolve_device
 from usae.errors import UsaeError
 from usae.evaluation.classes import energy_share
-from usae.evaluation.naming import LabelMatrix, label_matrix, name_concepts, shuffled_control, top_n
+from usae.evaluation.naming.pixels import PixelLabels, pixel_labels, stack_pixel_labels
+from usae.evaluation.naming.scores import LabelMatrix, label_matrix, name_concepts, shuffled_control, top_n
 from usae.extraction.images import image_layout, load_source_image, reopen_cached, source_of
 from usae.extraction.labels import folder_label
-from usae.extraction.pixel_labels import PixelLabels, pixel_labels, stack_pixel_labels
 from usae.model.sae import SparseCode, UniversalSAE
 from usae.run import load, trained_store_hash
 
@@ -303,3 +303,8 @@ def naming_summary(labels: dict[str, Any], report: dict[str, Any], classes: list
         "border": kinds.count("border"),
     }
     return {"families": families, "artifacts": artifacts, "store": labels["store"]}
+
+
+def label_command(cfg: LabelConfig) -> str:
+    """``usae label``: what the command prints."""
+    return format_labels(label(cfg)) + f"\n\nlabels: {(cfg.out or cfg.run) / LABELS_JSON}"

@@ -1,0 +1,59 @@
+"""What ``usae train`` prints when it ends: where the run is, its self/cross R² on a sample, what next.
+
+A training stage's own end-of-run check (like a validation loss), not an evaluation: the mean
+self and cross R² on the first rows of the held-out twin when the store has one (else in-sample),
+from the same pure metrics ``usae evaluate`` reports (model/metrics.py). The full report is
+``usae evaluate``'s job.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from usae.data.store import Store, held_out_path, open_store
+from usae.model.metrics import r2_from_sums, self_cross_means, sst_from_sums
+from usae.model.sae import UniversalSAE
+
+SUMMARY_ROWS = 8192
+"""Rows the end-of-run R² is measured on (a few seconds on CPU)."""
+
+
+@torch.no_grad()
+def sample_r2(sae: UniversalSAE, store: Store, n_rows: int, batch_size: int = 4096) -> list[list[float]]:
+    """(m, m) R² [encode with, decode to] on the first ``n_rows`` rows, pooled as ``usae evaluate`` pools it."""
+    names, device = sae.model_names, next(sae.parameters()).device
+    sse = torch.zeros(len(names), len(names), dtype=torch.float64)
+    # sums of y = x - the store's mean (float64 sums without cancellation when x has large offsets)
+    mean_d = {n: torch.as_tensor(store.stats(n).mean, dtype=torch.float64) for n in names}
+    sum_y, sum_yy = [None] * len(names), torch.zeros(len(names), dtype=torch.float64)
+    for start in range(0, n_rows, batch_size):
+        stop = min(start + batch_size, n_rows)
+        x = {n: torch.from_numpy(store.rows(n, start, stop)).to(device).float() for n in names}
+        for i, src in enumerate(names):
+            code = sae.encode_sparse(src, x[src])
+            for j, dst in enumerate(names):
+                sse[i, j] += (x[dst].double() - sae.decode(dst, code).double()).square().sum().cpu()
+        for j, dst in enumerate(names):
+            y = x[dst].double().cpu() - mean_d[dst]
+            sum_y[j] = y.sum(0) if sum_y[j] is None else sum_y[j] + y.sum(0)
+            sum_yy[j] += y.square().sum()
+    sst = torch.stack([sst_from_sums(n_rows, sum_y[j], sum_yy[j], mean_d[dst]) for j, dst in enumerate(names)])
+    return r2_from_sums(sse, sst[None, :]).tolist()
+
+
+def format_trained(sae: UniversalSAE, run_dir: Path, store_dir: Path) -> str:
+    """Where the run is, its self/cross R² on a sample (held-out rows when the store has a twin), what next."""
+    store = open_store(store_dir)
+    held_out = held_out_path(store)
+    sample = open_store(held_out) if held_out is not None else store
+    n = min(SUMMARY_ROWS, sample.n_rows)
+    self_r2, cross_r2 = self_cross_means(sample_r2(sae.eval(), sample, n))
+    where = "held-out store " + str(held_out) if held_out is not None else "the training store (in-sample)"
+    cross_text = f", cross {cross_r2:.3f}" if cross_r2 is not None else ""
+    return (
+        f"run: {run_dir}\n"
+        f"R² on the first {n} rows of {where}: self {self_r2:.3f}{cross_text}\n"
+        f"next: usae evaluate {run_dir} {held_out or store_dir}"
+    )

@@ -306,6 +306,7 @@ def train_one(args: tuple[dict, str, dict]) -> dict:
     r, tmp, spec_d = args
 
     from usae.config import TrainConfig
+    from usae.config.train import default_warmup
     from usae.data.store import open_store
     from usae.data.synth import load_truth, recovery
     from usae.training.fit import fit
@@ -352,7 +353,7 @@ def train_one(args: tuple[dict, str, dict]) -> dict:
         latents_per_concept=n_latents / spec.n_concepts,
         tokens=steps * int(r["batch_size"]),
         lr=lr,
-        warmup_steps=cfg.resolved_warmup(),
+        warmup_steps=warmup if warmup is not None else default_warmup(steps),
         rec_universal=rec["universal"],
         rec_partial=rec["partial"],
         rec_specific=rec["specific"],

@@ -63,14 +63,16 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
 
     import usae
-    from usae.explorer.maximize import maximize, natural_best, write_maximization
+    from usae.explorer.maximize import maximize, natural_best
+    from usae.explorer.maximize_result import write_maximization
     from usae.explorer.spectrum import data_spectrum
+    from usae.run import maximize_dir
 
     sae, store = usae.load(args.run), usae.open_store(args.store)
     concepts = top_universal(args.run, args.concepts)
     size = args.size or int(store.extra.get("view_size") or 224)
     t0 = time.perf_counter()
-    data = data_spectrum(store, size, args.run / "maximize", args.spectrum_images, progress=False)
+    data = data_spectrum(store, size, maximize_dir(args.run), args.spectrum_images, progress=False)
     slopes = ", ".join(f"{spectrum_slope(m):.2f}" for m in data.magnitude)
     print(
         f"data spectrum: {data.images} images at {size} px ({'cached' if data.cached else 'estimated'}, "

@@ -25,8 +25,9 @@ import torch
 from usae.config import SAEConfig, TrainConfig
 from usae.device import native_bf16
 from usae.model.sae import UniversalSAE
-from usae.training.fit import make_optimizer
-from usae.training.step import train_step
+from usae.training.build import make_optimizer
+from usae.training.resume import resolve
+from usae.training.step import TrainerState, train_step
 
 
 def _sync() -> None:
@@ -64,22 +65,24 @@ def step_seconds(
     k: int,
     batch: int,
     repeats: int,
-    select: torch.dtype | None,
+    select: torch.dtype,
     device: torch.device | str = "cpu",
 ) -> tuple[float, UniversalSAE, dict[str, torch.Tensor]]:
     """Best mean train_step seconds over one cycle that encodes each model once."""
     torch.manual_seed(0)
     sae = UniversalSAE(SAEConfig(widths=widths, n_latents=n_latents, k=k)).to(device)
-    cfg = TrainConfig(store="unused", n_latents=n_latents, k=k, batch_size=batch)
+    select_precision = str(select).removeprefix("torch.")
+    cfg = TrainConfig(store="unused", n_latents=n_latents, k=k, batch_size=batch, select_precision=select_precision)
+    cfg = resolve(cfg, widths, torch.device(device))  # the config as the loop reads it
     opt = make_optimizer(sae, cfg)
     for group in opt.param_groups:
         group["lr"] = 1e-3
     x_n = {n: torch.randn(batch, d, device=device) for n, d in widths.items()}
-    since = torch.zeros(len(widths), n_latents, dtype=torch.int64, device=device)
+    state = TrainerState.fresh(len(widths), n_latents, torch.device(device))  # no latent dead: AuxK stays off
 
     def cycle() -> None:
         for name in widths:
-            train_step(sae, opt, x_n, [name], cfg, since, 0, select_dtype=select)
+            train_step(sae, opt, x_n, [name], cfg, state)
 
     return _best(cycle, repeats) / len(widths), sae, x_n
 

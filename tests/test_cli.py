@@ -9,6 +9,7 @@ from usae.data.store import open_store
 
 
 def test_synth_train_evaluate(tmp_path, capsys):
+    """synth → train → evaluate → resume through the CLI. Trains its own run: `usae train` is what it tests."""
     store, run = tmp_path / "store", tmp_path / "run"
     assert main(["synth", str(store), "--widths", "16", "24", "--n-rows", "3000", "--n-partial", "0"]) == 0
     assert open_store(store).widths == {"a": 16, "b": 24}
@@ -74,12 +75,9 @@ def test_errors_are_one_line(tmp_path, capsys, argv, message):
     assert len(err) == 1 and err[0].startswith("usae: error:") and message in err[0]
 
 
-def test_evaluate_out_json_names_the_report_file(small_store, tmp_path):
-    run = tmp_path / "run"
-    args = ["train", str(small_store), "--out", str(run), "--n-latents", "32", "--k", "4", "--steps", "10"]
-    assert main([*args, "--batch-size", "256", "--no-progress"]) == 0
+def test_evaluate_out_json_names_the_report_file(small_run, small_store, tmp_path):
     out = tmp_path / "reports" / "report.json"
-    assert main(["evaluate", str(run), str(small_store), "--out", str(out), "--no-progress"]) == 0
+    assert main(["evaluate", str(small_run), str(small_store), "--out", str(out), "--no-progress"]) == 0
     report = json.loads(out.read_text())
     for key in ("r2_matrix", "fvu", "l0", "dead_fraction", "firing_entropy", "cofiring", "energy"):
         assert key in report
@@ -104,6 +102,8 @@ def test_help_documents_flags():
 
 
 def test_baseline_then_evaluate_two_stores(tmp_path, capsys):
+    """Trains its own run: `usae baseline` writes into it, and needs the truth file `usae synth` writes beside
+    the store it was trained on (the shared small_store has none)."""
     store, shifted, run = tmp_path / "store", tmp_path / "shifted", tmp_path / "run"
     for path, seed in ((store, "0"), (shifted, "1")):
         assert (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import threading
 import time
@@ -20,12 +21,21 @@ from usae.run import load
 TRAIN = ["--n-latents", "16", "--k", "2", "--batch-size", "128", "--steps", "6", "--save-every", "3", "--no-progress"]
 
 
-@pytest.fixture
-def world(tmp_path) -> Path:
+@pytest.fixture(scope="module")
+def world_template(tmp_path_factory) -> Path:
+    """Two stores and a run trained on the first, made once for the module (each test gets a copy)."""
+    root = tmp_path_factory.mktemp("outputs")
     rng = np.random.default_rng(0)
-    write_store(tmp_path / "store", {"a": rng.normal(size=(1200, 8)), "b": rng.normal(size=(1200, 12))})
-    write_store(tmp_path / "other", {"a": rng.normal(size=(600, 8)), "b": rng.normal(size=(600, 12))})
-    assert main(["train", str(tmp_path / "store"), "--out", str(tmp_path / "run"), *TRAIN]) == 0
+    write_store(root / "store", {"a": rng.normal(size=(1200, 8)), "b": rng.normal(size=(1200, 12))})
+    write_store(root / "other", {"a": rng.normal(size=(600, 8)), "b": rng.normal(size=(600, 12))})
+    assert main(["train", str(root / "store"), "--out", str(root / "run"), *TRAIN]) == 0
+    return root
+
+
+@pytest.fixture
+def world(world_template, tmp_path) -> Path:
+    """tmp_path holding a copy of the template's stores and run, for the test to change."""
+    shutil.copytree(world_template, tmp_path, dirs_exist_ok=True)
     return tmp_path
 
 

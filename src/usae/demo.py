@@ -17,12 +17,12 @@ import time
 from typing import Any
 
 from usae._io import check_output, write_json_atomic
-from usae.config import DemoConfig, EvalConfig, ExtractConfig, LabelConfig, SynthConfig, TrainConfig
+from usae.config import DemoConfig, EvalConfig, ExtractConfig, LabelConfig, SpliceConfig, SynthConfig, TrainConfig
 from usae.data.synth import load_truth, recovery, truth_path, write_world
 from usae.device import resolve_device
 from usae.evaluation.classes import energy_share
-from usae.evaluation.evaluate import evaluate, evaluate_cli, format_summary
-from usae.evaluation.fidelity.splice import format_splice, splice, write_splice
+from usae.evaluation.evaluate import evaluate, format_summary
+from usae.evaluation.fidelity.splice import format_splice, splice
 from usae.evaluation.naming.label import artifact_marks, border_share_by_chance, label
 from usae.explorer.site import explore
 from usae.extraction.extract import extract, val_store_path
@@ -72,16 +72,17 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     on_gpu = resolve_device(cfg.device).type == "cuda"
     # Splicing runs every model 1 + M + 4 times per image: a few images on a CPU, more on a GPU.
-    spliced = splice(run_dir, stores[0], max_images=64 if on_gpu else cfg.splice_images, device=cfg.device)
-    write_splice(spliced, run_dir)
+    max_images = 64 if on_gpu else cfg.splice_images
+    spliced = splice(SpliceConfig(run=run_dir, store=stores[0], max_images=max_images, device=cfg.device))
     timings["splice_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    # The demo names its concepts as a step of its own (timed), so evaluate finds labels.json current.
     labels = label(LabelConfig(run=run_dir, store=stores[0], out=run_dir, device=cfg.device))
     timings["label_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    reports = evaluate_cli(EvalConfig(run=run_dir, stores=stores, device=cfg.device))
+    reports = evaluate(EvalConfig(run=run_dir, stores=stores, device=cfg.device))
     report = reports[0]
     if held_out:  # RUN/report.json is the held-out report: what the explorer and label read
         write_json_atomic(run_dir / "report.json", report)
@@ -123,7 +124,7 @@ def run_synthetic_demo(cfg: DemoConfig) -> dict[str, Any]:
             seed=cfg.seed, device=cfg.device, overwrite=True,
         )
     )  # fmt: skip
-    report = evaluate(run_dir, store_dir)
+    report = evaluate(EvalConfig(run=run_dir, stores=(store_dir,), report=False, device=cfg.device))[0]
     sae = load(run_dir)
     rec = recovery({n: sae.dictionary(n).numpy() for n in sae.model_names}, load_truth(truth_path(store_dir)))
     summary = {"recovery": rec, "run": str(run_dir), "report": str(run_dir / "report.json"), "report_data": report}

@@ -12,6 +12,7 @@ Layout of RUN/ (docs/format.md):
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
 MODEL_NAME = "model.safetensors"
+METRICS_NAME = "metrics.jsonl"
 # Run and pretrained artifacts (config.json + model.safetensors). History, see docs/format.md:
 #   1: W_enc stored (d, n_latents) until commit 0627d45, (n_latents, d) after it (same number);
 #   2: W_enc always (n_latents, d); safetensors files carry a content checksum. 1 is migrated on load.
@@ -219,6 +221,16 @@ def differing_field(saved_train: dict[str, Any], cfg: TrainConfig, free: frozens
     return None
 
 
+def load_train_config(run_dir: Path) -> TrainConfig:
+    """The TrainConfig saved in a run's config.json (its resolved values: no auto value left None).
+
+    The saved ``train`` object is flat (one key per field, whatever group the field is in); this
+    reads files written before the fields were grouped, too.
+    """
+    saved = read_run_config(run_dir)
+    return from_json_dict(TrainConfig, saved["train"], f"{run_dir}/{CONFIG_NAME}: train")
+
+
 def finished_run(run_dir: Path, cfg: TrainConfig, free: frozenset[str] = RESULT_FREE_FIELDS) -> bool:
     """True when ``run_dir`` holds a complete, loadable run of ``cfg``'s training settings."""
     run_dir = Path(run_dir)
@@ -245,11 +257,13 @@ def run_reports(run_dir: str | Path) -> list[Path]:
 
 # -- a run beside a store ---------------------------------------------------------------------
 def open_run_store(
-    run: str | Path | UniversalSAE, store: str | Path | Store, device: str
+    run: str | Path | UniversalSAE, store: str | Path | Store, device: str, models: Sequence[str] | None = None
 ) -> tuple[UniversalSAE, Store]:
+    """The run (eval mode, on ``device``) and the store, checked to hold ``models`` (default: all
+    of the run's) at the run's widths; one-line UsaeError naming the store and the models otherwise."""
     sae = run if isinstance(run, UniversalSAE) else load(run, device=resolve_device(device))
     store = store if isinstance(store, Store) else open_store(store)
-    missing = [n for n in sae.model_names if store.widths.get(n) != sae.cfg.widths[n]]
+    missing = [n for n in (models or sae.model_names) if store.widths.get(n) != sae.cfg.widths.get(n)]
     if missing:
         raise UsaeError(f"store {store.path} lacks the run's models {missing} at the run's widths")
     return sae.eval(), store
@@ -289,3 +303,47 @@ def _has_hash(store_dir: Path, expected: str | None) -> bool:
         return expected is None or open_store(store_dir).hash == expected
     except UsaeError:
         return False
+
+
+# -- what the explorer reads and writes in a run ------------------------------------------------
+# RUN/maximize/: `usae maximize`'s results (concept-<k>/maximize.json + PNGs) and its spectrum cache.
+MAXIMIZE_DIR = "maximize"
+MAXIMIZE_RESULT_NAME = "maximize.json"
+
+
+def maximize_dir(run_dir: str | Path) -> Path:
+    """RUN/maximize: where `usae maximize` writes by default and the explorer looks."""
+    return Path(run_dir) / MAXIMIZE_DIR
+
+
+def concept_dir(root: str | Path, concept: int) -> Path:
+    """Where the maximisation of ``concept`` is written under ``root`` (e.g. RUN/maximize)."""
+    return Path(root) / f"concept-{int(concept)}"
+
+
+def concept_of_dir(path: Path) -> int | None:
+    """The concept of a ``concept-<k>`` directory (:func:`concept_dir`); None for any other name."""
+    k = path.name.removeprefix("concept-")
+    return int(k) if path.name.startswith("concept-") and k.isdigit() else None
+
+
+def find_report(run_dir: str | Path, model_names: list[str], store: Store) -> tuple[Path, dict[str, Any]] | None:
+    """(path, report) of RUN/report.json or a RUN/report-<store>.json (``usae evaluate RUN S1 S2``)
+    computed on every row of ``store`` (its content hash, not its path) for these models; None if none is.
+
+    The name is only a hint: report.json is tried first, then the one named after the store's directory.
+    """
+    hint = f"report-{store.path.name}"
+    candidates = sorted(run_reports(run_dir), key=lambda p: (p.name != "report.json", not p.stem.startswith(hint)))
+    for path in candidates:
+        try:
+            report = read_json(path, "report")
+        except UsaeError as e:
+            log.warning("%s; skipped", e)
+            continue
+        if not isinstance(report, dict) or not isinstance(report.get("store"), dict):
+            continue
+        same = report["store"].get("hash") == store.hash and report.get("model_names") == model_names
+        if same and report.get("n_rows") == store.n_rows and "classes" in report:
+            return path, report
+    return None

@@ -36,6 +36,7 @@ def test_without_cuda_it_skips_in_one_line():
     assert done.stdout.strip().count("\n") == 0 and "no CUDA" in done.stdout
 
 
+@pytest.mark.slow  # every bench of bench/gpu.sh end to end on the CPU: ~25 s
 def test_dry_run_prints_one_table_with_a_row_per_bench(tmp_path):
     began = time.monotonic()
     done = run("--dry-run", env={"USAE_GPU_OUT": str(tmp_path), "CUDA_VISIBLE_DEVICES": ""})

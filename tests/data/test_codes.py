@@ -89,7 +89,7 @@ def test_store_with_other_models_is_refused(small_store, tmp_path, capsys):
     run, _ = _run(tmp_path, small_store)
     other = write_store(tmp_path / "s2", {"a": np.zeros((10, 5)), "b": np.zeros((10, 48)), "c": np.zeros((10, 40))})
     assert main(["encode", str(run), str(other), "--out", str(tmp_path / "codes"), "--no-progress"]) == 2
-    assert "model 'a' has width 5, run" in capsys.readouterr().err
+    assert "lacks the run's models ['a'] at the run's widths" in capsys.readouterr().err
     assert not (tmp_path / "codes").exists()
 
 
@@ -148,3 +148,21 @@ def test_encode_out_is_checked_before_writing(small_store, tmp_path, capsys, mon
     monkeypatch.setattr(codes_mod, "top_codes", fail)
     assert main(["encode", str(run), str(small_store), "--out", str(tmp_path / "a/b/codes"), "--no-progress"]) == 2
     assert not (tmp_path / "a").exists()
+
+
+def test_encode_models_needs_only_those_models_in_the_store(small_store, small_world, tmp_path):
+    """--models a: a store holding only model a (same rows) is enough; a model it lacks is one line."""
+    from usae.data.store import write_store
+
+    run, sae = _run(tmp_path, small_store)
+    only_a = write_store(tmp_path / "only-a", {"a": small_world.data["a"]}, dtype="float32")
+    out = tmp_path / "codes"
+    assert main(["encode", str(run), str(only_a), "--out", str(out), "--models", "a", "--no-progress"]) == 0
+    with torch.no_grad():
+        z = sae.encode("a", torch.from_numpy(open_store(only_a).rows("a", 0, 100))).numpy()
+    np.testing.assert_array_equal(open_codes(out).dense("a")[:100], z)
+    with pytest.raises(UsaeError, match=r"lacks the run's models \['b'\]"):
+        from usae.config import EncodeConfig
+        from usae.evaluation.encode import encode_store
+
+        encode_store(EncodeConfig(run=run, store=only_a, out=tmp_path / "c2", models=("a", "b"), progress=False))

@@ -23,22 +23,25 @@ sys.stdin.readline()
 """
 
 
-@pytest.fixture
-def holder(tmp_path):
-    """A process with a StoreWriter open on tmp_path/store (until its stdin closes)."""
+@pytest.fixture(scope="module")
+def holder(tmp_path_factory):
+    """A process with a StoreWriter open on ``holder.store`` (until its stdin closes). One for the
+    module: a refused writer changes nothing, so the tests share it (a Python start costs seconds)."""
+    store = tmp_path_factory.mktemp("held") / "store"
     proc = subprocess.Popen(
-        [sys.executable, "-c", HOLD, str(tmp_path / "store")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", HOLD, str(store)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
     assert proc.stdout.readline().strip() == "ready"
+    proc.store = store
     yield proc
     proc.stdin.close()
     proc.wait()
 
 
-def test_second_store_writer_is_refused_naming_the_holder(tmp_path, holder):
+def test_second_store_writer_is_refused_naming_the_holder(holder):
     with pytest.raises(UsaeError, match=rf"store .*store is being written by pid {holder.pid} on "):
-        StoreWriter(tmp_path / "store", {"a": 4})
-    assert (tmp_path / "store.partial").is_dir()  # the holder's partial store is untouched
+        StoreWriter(holder.store, {"a": 4})
+    assert holder.store.with_name("store.partial").is_dir()  # the holder's partial store is untouched
 
 
 def test_extract_into_a_store_being_written_is_one_line(tmp_path, holder, capsys):
@@ -53,12 +56,12 @@ def test_extract_into_a_store_being_written_is_one_line(tmp_path, holder, capsys
         "--device",
         "cpu",
         "--out",
-        tmp_path / "store",
+        holder.store,
     ]
     assert main([str(a) for a in argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"pid {holder.pid}" in err[0]
-    assert not (tmp_path / "store.parts").exists()
+    assert not holder.store.with_name("store.parts").exists()
 
 
 def test_a_killed_writer_does_not_block_and_the_lock_goes_away(tmp_path):

@@ -174,6 +174,7 @@ def compared(tmp_path_factory):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.slow  # the `compared` run: 1000 steps plus independent SAEs, ~30 s
 def test_usae_recovers_universal_concepts_better_than_independent_saes(compared, capsys):
     root, _, result = compared
     rec = result["recovery"]
@@ -200,6 +201,7 @@ def test_usae_recovers_universal_concepts_better_than_independent_saes(compared,
         assert (root / "run" / "baselines" / name / "model.safetensors").is_file()
 
 
+@pytest.mark.slow  # uses the `compared` run (~30 s)
 def test_baselines_report_structure(compared):
     _, _, result = compared
     assert [p["models"] for p in result["matching"]] == [["a", "b"], ["a", "c"], ["b", "c"]]
@@ -213,6 +215,7 @@ def test_baselines_report_structure(compared):
     assert sim["cka"]["usae_codes"][0][1] > sim["cka"]["raw"][0][1]
 
 
+@pytest.mark.slow  # uses the `compared` run (~30 s)
 def test_existing_independent_saes_are_reused(compared):
     root, store, _ = compared
     before = (root / "run" / "baselines" / "a" / "model.safetensors").stat().st_mtime_ns

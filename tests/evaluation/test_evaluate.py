@@ -1,25 +1,26 @@
-import inspect
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from usae.config import EvalConfig, TrainConfig
+from usae.config import EvalConfig
 from usae.data.store import open_store, write_store
 from usae.errors import UsaeError
 from usae.evaluation.classes import ClassThresholds, classify, thresholds_of
-from usae.evaluation.evaluate import evaluate, evaluate_sae
+from usae.evaluation.evaluate import evaluate
 from usae.model import metrics
-from usae.training.fit import fit
+from usae.run import load
 
 
 @pytest.fixture(scope="module")
-def trained(small_store, tmp_path_factory):
+def trained(small_run, tmp_path_factory):
+    """A copy of the shared ``small_run`` (these tests write report.json into the run)."""
     out = tmp_path_factory.mktemp("run") / "run"
-    cfg = TrainConfig(store=small_store, out=out, n_latents=64, k=4, steps=150, batch_size=256, progress=False)
-    return fit(cfg).sae, out
+    shutil.copytree(small_run, out)
+    return load(out), out
 
 
 def test_report_matches_direct_computation(trained, small_store, small_world):
@@ -60,7 +61,8 @@ def test_report_matches_direct_computation(trained, small_store, small_world):
     assert set(report["classes"]["counts"]) == {"universal", "partial", "specific", "rare", "dead"}
     # every threshold is recorded, read back, and reproduces the labels from the report's counts
     recorded = report["classes"]["thresholds"]
-    assert set(recorded) == set(ClassThresholds._fields)
+    assert list(recorded) == ["min_rate", "universal_fe", "min_count", "min_share", "universal_cofire"]
+    assert isinstance(recorded["min_count"], int)  # report.json's form: as before the dataclass
     assert thresholds_of(report) == ClassThresholds()
     assert classify(report, thresholds_of(report)) == report["classes"]["labels"]
     cofires_t = torch.tensor(report["cofiring"]["cofires"], dtype=torch.float64)
@@ -81,44 +83,78 @@ def test_streaming_is_independent_of_batch_size(trained, small_store):
 def test_store_that_does_not_fit_the_run(trained, tmp_path):
     sae, _ = trained
     store = write_store(tmp_path / "s", {"a": np.zeros((10, 32), np.float32), "b": np.zeros((10, 7), np.float32)})
-    with pytest.raises(UsaeError, match="model 'b' has width 7"):
+    with pytest.raises(UsaeError, match=r"lacks the run's models \['b', 'c'\] at the run's widths"):
         evaluate(sae, open_store(store), progress=False)
 
 
 def test_recorded_thresholds_are_the_ones_given(trained, small_store):
     sae, _ = trained
     given = ClassThresholds(min_rate=1e-3, universal_fe=0.5, min_count=3, min_share=0.1, universal_cofire=0.4)
-    report = evaluate(sae, small_store, max_rows=2000, progress=False, **given._asdict())
+    report = evaluate(sae, small_store, max_rows=2000, progress=False, thresholds=given)
     assert thresholds_of(report) == given
     assert classify(report, given) == report["classes"]["labels"]
 
 
 def test_threshold_defaults_are_defined_once():
-    """config's class-rule constants (which model/metrics uses) are the defaults of ClassThresholds,
-    evaluate and EvalConfig."""
-    expected = {
-        "min_rate": metrics.MIN_RATE,
-        "universal_fe": metrics.UNIVERSAL_FE,
-        "min_count": metrics.MIN_COUNT,
-        "min_share": metrics.MIN_SHARE,
-        "universal_cofire": metrics.UNIVERSAL_COFIRE,
-    }
-    assert ClassThresholds()._asdict() == expected
+    """One ClassThresholds: EvalConfig nests it, classify_latents and used_latents default to it."""
+    import inspect
+
+    from usae.config.evaluate import ClassThresholds as FromConfig
+
+    assert ClassThresholds is FromConfig
     cfg = EvalConfig(run=Path("r"), stores=(Path("s"),))
-    assert {k: getattr(cfg, k) for k in expected} == expected
-    params = inspect.signature(evaluate_sae).parameters
-    assert {k: params[k].default for k in expected} == expected
+    assert cfg.thresholds == ClassThresholds()
+    for fn in (metrics.classify_latents, metrics.used_latents):
+        assert inspect.signature(fn).parameters["thresholds"].default == ClassThresholds()
     with pytest.raises(UsaeError, match="universal_cofire"):
-        EvalConfig(run=Path("r"), stores=(Path("s"),), universal_cofire=1.5)
+        EvalConfig(run=Path("r"), stores=(Path("s"),), thresholds=ClassThresholds(universal_cofire=1.5))
+
+
+def test_the_keyword_form_builds_the_config(trained, small_store, tmp_path):
+    """evaluate(run, store, **overrides) is evaluate(EvalConfig(...)) without report.md; bad overrides are refused."""
+    _, run = trained
+    out = tmp_path / "r.json"
+    by_keywords = evaluate(run, small_store, out=out, max_rows=500, progress=False)
+    (by_config,) = evaluate(
+        EvalConfig(run=run, stores=(small_store,), out=tmp_path / "c.json", max_rows=500, report=False, progress=False)
+    )
+    assert by_keywords == by_config == json.loads(out.read_text())
+    assert not (tmp_path / "report.md").exists()
+    with pytest.raises(TypeError, match="min_rate"):
+        evaluate(run, small_store, min_rate=0.1)  # thresholds are one object: thresholds=ClassThresholds(...)
+
+
+def test_evaluate_says_before_it_names_concepts(trained, small_store, tmp_path, caplog, monkeypatch):
+    """The chain evaluate -> label is announced in one log line naming the command and how to skip it."""
+    import logging
+
+    from usae.evaluation import evaluate as module
+
+    def labelled(path):  # the store as if it recorded per-image labels
+        store = open_store(path)
+        store.extra = {**store.extra, "labels": {}}
+        return store
+
+    _, run = trained
+    ran = []
+    monkeypatch.setattr(module, "open_store", labelled)
+    monkeypatch.setattr(module, "label", lambda cfg: ran.append(cfg))
+    with caplog.at_level(logging.INFO, logger="usae"):
+        evaluate(EvalConfig(run=run, stores=(small_store,), out=tmp_path / "rep", max_rows=500, progress=False))
+    said = [r.getMessage() for r in caplog.records if "usae label" in r.getMessage()]
+    assert len(ran) == 1 and len(said) == 1 and "--no-label" in said[0] and str(small_store) in said[0]
+    ran.clear()
+    evaluate(
+        EvalConfig(run=run, stores=(small_store,), out=tmp_path / "rep", max_rows=500, label=False, progress=False)
+    )
+    assert ran == []
 
 
 def test_report_marks_the_training_store_and_shows_the_held_out_gap(trained, small_store, small_world, tmp_path):
-    from usae.evaluation.evaluate import evaluate_cli
-
     _, run = trained
     # another store (a scaled copy of some rows): the run was not trained on it
     other = write_store(tmp_path / "held", {n: x[:4000] * 1.01 for n, x in small_world.data.items()})
-    held, seen = evaluate_cli(EvalConfig(run=run, stores=(other, small_store), out=tmp_path / "rep", progress=False))
+    held, seen = evaluate(EvalConfig(run=run, stores=(other, small_store), out=tmp_path / "rep", progress=False))
     assert held["store"]["trained_on"] is False and seen["store"]["trained_on"] is True
     text = (tmp_path / "rep" / "report.md").read_text()
     assert "**the run was trained on it: in-sample**" in text and "images the run never saw" in text

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 import usae
 from usae.config import EvalConfig, ExtractConfig, LabelConfig
 from usae.errors import UsaeError
-from usae.evaluation.evaluate import evaluate_cli
+from usae.evaluation.evaluate import evaluate
 from usae.evaluation.naming.label import NAMES_JSON, concept_names, format_labels, label
 from usae.extraction.extract import extract, val_store_path
 
@@ -83,10 +83,10 @@ def test_label_names_colour_concepts_on_held_out_images_and_the_control_names_no
     assert (tmp_path / NAMES_JSON).is_file() and concept_names(result)[k].startswith(entry["best"])
     assert "shuffled labels" in format_labels(result)
     # report.md of a labelled store gets the concept-names section: evaluate runs `usae label` there
-    reports = evaluate_cli(EvalConfig(run=run, stores=(val,), out=tmp_path / "rep", label=False, progress=False))
+    reports = evaluate(EvalConfig(run=run, stores=(val,), out=tmp_path / "rep", label=False, progress=False))
     assert "## Concept names" not in (tmp_path / "rep" / "report.md").read_text()
     assert not (run / "labels.json").exists()
-    evaluate_cli(EvalConfig(run=run, stores=(val, store), out=tmp_path / "rep2", progress=False))
+    evaluate(EvalConfig(run=run, stores=(val, store), out=tmp_path / "rep2", progress=False))
     auto = json.loads((run / "labels.json").read_text())
     assert auto["store"]["hash"] == result["store"]["hash"] and auto["store"]["split"] == "val"
     text = (tmp_path / "rep2" / "report.md").read_text()

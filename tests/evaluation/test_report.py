@@ -2,6 +2,7 @@
 and one run evaluated on two stores (dataset shift) side by side."""
 
 import copy
+import dataclasses
 import io
 import re
 
@@ -9,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from usae.config import TrainConfig
 from usae.data.store import write_store
 from usae.evaluation.classes import energy_share
 from usae.evaluation.evaluate import evaluate
@@ -32,7 +32,6 @@ from usae.evaluation.report.markdown import (
     write_report,
 )
 from usae.model import metrics
-from usae.training.fit import fit
 
 NAMES = ["a", "b", "c"]
 
@@ -102,20 +101,22 @@ def test_latent_classifier_on_hand_built_codes():
     labels = classify(report, strict)
     # Latent 4 was "partial" and latent 5 "dead" under the old rate-only rule; now: specific, rare.
     assert labels == ["universal", "partial", "specific", "dead", "specific", "rare"]
-    loose = strict._replace(min_count=1, min_share=0.0)  # the old support rule: rate only
+    loose = dataclasses.replace(strict, min_count=1, min_share=0.0)  # the old support rule: rate only
     assert classify(report, loose)[4] == "partial"  # the support rule matters
-    assert classify(report, loose._replace(universal_fe=0.0))[4] == "partial"  # co-fires on 2 of 400 rows
-    assert classify(report, loose._replace(universal_fe=0.0, universal_cofire=0.0))[4] == "universal"
-    assert classify(report, loose._replace(universal_cofire=0.0))[4] == "partial"  # FE threshold matters
-    assert classify(report, strict._replace(min_rate=1e-4, min_count=1))[5] == "specific"  # so does the rate
-    assert classify(report, strict._replace(min_count=1))[5] == "rare"
+    assert classify(report, dataclasses.replace(loose, universal_fe=0.0))[4] == "partial"  # co-fires on 2 of 400 rows
+    assert classify(report, dataclasses.replace(loose, universal_fe=0.0, universal_cofire=0.0))[4] == "universal"
+    assert classify(report, dataclasses.replace(loose, universal_cofire=0.0))[4] == "partial"  # FE threshold matters
+    assert (
+        classify(report, dataclasses.replace(strict, min_rate=1e-4, min_count=1))[5] == "specific"
+    )  # so does the rate
+    assert classify(report, dataclasses.replace(strict, min_count=1))[5] == "rare"
     counts = class_counts(report, labels, strict)
     assert counts["total"] == {"universal": 1, "partial": 1, "specific": 2, "rare": 1, "dead": 1}
     assert counts["per_model"]["a"] == {"universal": 1, "partial": 1, "specific": 1}
     assert counts["per_model"]["c"] == {"universal": 1, "partial": 0, "specific": 1}
     assert thresholds_of({"classes": {}}) == ClassThresholds()
     every = ClassThresholds(min_rate=0.01, universal_fe=0.7, min_count=5, min_share=0.1, universal_cofire=0.3)
-    assert thresholds_of({"classes": {"thresholds": every._asdict()}}) == every
+    assert thresholds_of({"classes": {"thresholds": every.to_dict()}}) == every
 
 
 def test_top_concepts_rank_by_energy_with_their_numbers():
@@ -295,20 +296,15 @@ def two_stores(small_world, small_store, tmp_path_factory):
     return small_store, write_store(root / "shifted", shifted, dtype="float32")
 
 
-def test_one_run_on_two_stores(two_stores, tmp_path):
+def test_one_run_on_two_stores(two_stores, small_run, tmp_path):
+    """The shared ``small_run`` was trained on the first store; reports go to tmp_path (the run is read only)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(
         1
     )  # two threads on the shared 2-core machine are far slower (tests/evaluation/test_baselines.py)
     try:
         store, shifted = two_stores
-        cfg = TrainConfig(
-            store=store, out=tmp_path / "run", n_latents=64, k=4, steps=150, batch_size=256, progress=False
-        )
-        fit(cfg)
-        reports = [
-            evaluate(tmp_path / "run", s, out=tmp_path / f"{s.name}.json", progress=False) for s in (store, shifted)
-        ]
+        reports = [evaluate(small_run, s, out=tmp_path / f"{s.name}.json", progress=False) for s in (store, shifted)]
     finally:
         torch.set_num_threads(threads)
     md = write_report(reports, tmp_path / "report").read_text()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
-from usae.config import ExtractConfig, SAEConfig
+from usae.config import ExtractConfig, SAEConfig, SpliceConfig
 from usae.errors import UsaeError
 from usae.evaluation.fidelity.measures import (
     kl_to_clean,
@@ -279,10 +280,21 @@ def _hand_sae(q: torch.Tensor, k: int) -> UniversalSAE:
     return sae.eval()
 
 
-def test_identity_dictionary_gives_the_clean_output(world):
-    res = splice(
-        _hand_sae(world["q"], k=D), world["store"], backbones=world["backbones"], batch_images=4, progress=False
-    )
+def _splice(sae: UniversalSAE | Path, world, tmp_path: Path, backbones=None, **overrides) -> dict:
+    """``splice(SpliceConfig(...))`` of a run directory or a hand-made SAE (saved under tmp_path), results in tmp_path."""
+    run = sae
+    if isinstance(sae, UniversalSAE):
+        from usae.interop.hub import save_pretrained
+
+        run = tmp_path / "hand"
+        if not run.exists():
+            save_pretrained(sae, run)
+    cfg = SpliceConfig(run=run, store=world["store"], out=tmp_path / "out", device="cpu", progress=False, **overrides)
+    return splice(cfg, world["backbones"] if backbones is None else backbones)
+
+
+def test_identity_dictionary_gives_the_clean_output(world, tmp_path):
+    res = _splice(_hand_sae(world["q"], k=D), world, tmp_path, batch_images=4)
     m = res["matrices"]
     assert res["models"] == ["a", "b", "c", "d"] and res["n_images"] == 6 and all(res["available"].values())
     assert res["task"] == {"a": "classifier", "b": "classifier", "c": "dense", "d": "classifier"}
@@ -303,8 +315,8 @@ def test_identity_dictionary_gives_the_clean_output(world):
     assert ceiling["kl"] > 1e-6
 
 
-def test_cross_model_splice_equals_self_splice_when_codes_coincide(world):
-    res = splice(_hand_sae(world["q"], k=2), world["store"], backbones=world["backbones"], progress=False)
+def test_cross_model_splice_equals_self_splice_when_codes_coincide(world, tmp_path):
+    res = _splice(_hand_sae(world["q"], k=2), world, tmp_path)
     m = res["matrices"]
     assert m["kl"][0][0] > 1e-4  # k = 2 of 8 coordinates: a lossy dictionary
     for key in ("agreement", "kl", "loss_recovered"):
@@ -322,7 +334,8 @@ def test_trained_run_end_to_end_with_independent_sae(world, tmp_path):
     common = dict(store=world["store"], n_latents=32, k=4, steps=40, batch_size=32, device="cpu", progress=False)
     fit(TrainConfig(out=run, **common))
     fit(TrainConfig(out=run / "baselines" / "a", models=("a",), **common))
-    res = splice(run, world["store"], backbones=world["backbones"], max_images=4, progress=False)
+    res = _splice(run, world, tmp_path, max_images=4)
+    assert json.loads((tmp_path / "out" / "splice.json").read_text()) == res  # splice(cfg) writes its result
     assert res["n_images"] == 4 and res["independent_sae"] == {"a": True, "b": False, "c": False, "d": False}
     for key, matrix in res["matrices"].items():
         assert len(matrix) == 4 and all(len(row) == 4 for row in matrix), key
@@ -347,19 +360,19 @@ def test_missing_or_changed_image_is_a_one_line_error(world, tmp_path):
     shutil.copytree(world["images"], moved)
     (moved / "img-2.png").unlink()
     with pytest.raises(UsaeError, match=r"image 'img-2.png' .* cannot be read") as e:
-        splice(sae, world["store"], images=str(moved), backbones=world["backbones"], progress=False)
+        _splice(sae, world, tmp_path, images=str(moved))
     assert "\n" not in str(e.value)
     shutil.copy(moved / "img-3.png", moved / "img-2.png")  # another picture under the same name
     with pytest.raises(UsaeError, match=r"image 'img-2.png' .* changed since extraction") as e:
-        splice(sae, world["store"], images=str(moved), backbones=world["backbones"], progress=False)
+        _splice(sae, world, tmp_path, images=str(moved))
     assert "\n" not in str(e.value)
     with pytest.raises(UsaeError, match="built in Python .* pass it: backbones="):
-        splice(sae, world["store"], progress=False)
+        _splice(sae, world, tmp_path, backbones={})
 
 
-def test_models_that_cannot_splice_get_null_columns(world):
+def test_models_that_cannot_splice_get_null_columns(world, tmp_path):
     backbones = [_backbone(b.model, b.name, None if b.name in "bc" else b.task) for b in world["backbones"]]
-    res = splice(_hand_sae(world["q"], k=D), world["store"], backbones=backbones, max_images=2, progress=False)
+    res = _splice(_hand_sae(world["q"], k=D), world, tmp_path, backbones=backbones, max_images=2)
     assert res["available"] == {"a": True, "b": False, "c": False, "d": True}
     assert set(res["unavailable_reasons"]) == {"b", "c"} and set(res["controls"]) == {"a", "d"}
     assert res["unavailable_reasons"]["b"].startswith("splice is not available for torch:")

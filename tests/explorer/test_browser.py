@@ -19,7 +19,9 @@ import pytest
 from explore_world import EVIL_LABEL, scored_labels, shared_world
 
 import usae
-from usae.explorer.maximize import maximize, write_maximization
+from usae.config import ExploreConfig
+from usae.explorer.maximize import maximize
+from usae.explorer.maximize_result import write_maximization
 from usae.explorer.site import explore
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -55,7 +57,7 @@ def site(tmp_path_factory) -> dict:
     run = root / "run"
     shutil.copytree(world.run, run)  # the maximisation goes to RUN/maximize: keep the shared run clean
     write_maximization(maximize(run, maximized, store=world.store, steps=20, progress=False), run / "maximize")
-    out = explore(run, world.store, root / "site", labels=labels, n_top=4, progress=False).parent
+    out = explore(ExploreConfig(run, world.store, root / "site", labels=labels, n_top=4, progress=False)).parent
     return {
         "dir": out,
         "labelled": labelled,

@@ -19,8 +19,10 @@ from explore_world import EVIL_LABEL, ODD_NAME, scored_labels, shared_world
 
 import usae
 from usae.__main__ import main
+from usae.config import ExploreConfig
 from usae.errors import UsaeError
-from usae.evaluation.report.markdown import format_number
+from usae.evaluation.naming.label import ARTIFACT_TOP, artifact_marks
+from usae.evaluation.report.templating import format_number
 from usae.explorer.concepts import (
     image_layout,
     image_max_codes,
@@ -29,7 +31,9 @@ from usae.explorer.concepts import (
     scan_top_images,
     upsample,
 )
-from usae.explorer.site import ARTIFACT_TOP, artifact_marks, explore, label_slugs, read_concept_labels
+from usae.explorer.label_pages import label_slugs, read_concept_labels
+from usae.explorer.site import explore
+from usae.run import find_report
 
 UNICODE_LABEL = "ciel/bleu clair · é"
 
@@ -46,7 +50,7 @@ def site(world, tmp_path_factory) -> Path:
     live = [k for k, c in enumerate(report["classes"]["labels"]) if c != "dead"]
     labels.write_text(json.dumps({str(live[0]): EVIL_LABEL}))
     out = tmp_path_factory.mktemp("site") / "explorer"
-    index = explore(world.run, world.store, out, labels=labels, n_top=4, batch_images=5, progress=False)
+    index = explore(ExploreConfig(world.run, world.store, out, labels=labels, n_top=4, batch_images=5, progress=False))
     assert index == out / "index.html"
     return out
 
@@ -164,15 +168,15 @@ def test_concept_page_has_one_column_per_model_with_heatmaps(site, world):
 
 def test_explore_replaces_a_site_but_not_other_directories(world, tmp_path):
     out = tmp_path / "site"
-    explore(world.run, world.store, out, n_top=2, progress=False)
+    explore(ExploreConfig(world.run, world.store, out, n_top=2, progress=False))
     (out / "stale.txt").write_text("old")
-    explore(world.run, world.store, out, n_top=2, progress=False)
+    explore(world.run, world.store, out, n_top=2, progress=False)  # the keyword form: the same config
     assert not (out / "stale.txt").exists() and (out / "index.html").is_file()
     other = tmp_path / "mine"
     other.mkdir()
     (other / "keep.txt").write_text("precious")
     with pytest.raises(UsaeError, match="not a concept explorer site"):
-        explore(world.run, world.store, other, progress=False)
+        explore(ExploreConfig(world.run, world.store, other, progress=False))
     assert (other / "keep.txt").read_text() == "precious"
 
 
@@ -187,7 +191,7 @@ def test_bad_labels_file(world, tmp_path):
     bad = tmp_path / "labels.json"
     bad.write_text(json.dumps({"99999": "x"}))
     with pytest.raises(UsaeError, match="labels.json"):
-        explore(world.run, world.store, tmp_path / "s", labels=bad, progress=False)
+        explore(ExploreConfig(world.run, world.store, tmp_path / "s", labels=bad, progress=False))
     assert not (tmp_path / "s").exists()
 
 
@@ -242,7 +246,7 @@ def labelled(world, tmp_path_factory) -> dict:
         a["border_share"][chance] = 0.6  # above 0.5 but near the 8x8 ring's 44%: no mark
         a["flat_share"][mixed] = [1.0, 0.2][i % 2]  # flat in one model only: no mark
     (run / "labels.json").write_text(json.dumps(result))
-    out = explore(run, world.store, root / "site", n_top=2, progress=False).parent
+    out = explore(ExploreConfig(run, world.store, root / "site", n_top=2, progress=False)).parent
     rows = dict(
         (int(k), (html.unescape(text), cells))
         for text, k, cells in re.findall(r'<tr data-cls="[^"]*" data-live="\d" data-text="([^"]*)">\s*<td data-v="(\d+)">(.*?)</tr>', (out / "index.html").read_text(), re.S)
@@ -387,9 +391,10 @@ def test_plain_labels_still_work(site, world):
 
 
 # -- reports, outputs and write failures -----------------------------------------------------------
-def test_explore_reuses_a_report_of_usae_evaluate_on_several_stores(world, tmp_path, monkeypatch):
+def test_explore_reuses_a_report_of_usae_evaluate_on_several_stores(world, tmp_path, monkeypatch, caplog):
     """`usae evaluate RUN S1 S2` writes report-<store>.json: the explorer takes the one whose store
-    hash is the explored store's and does not evaluate again; with none for this store it does."""
+    hash is the explored store's and does not evaluate again; with none for this store it does, and
+    says so in one line naming the command that saves the evaluation."""
     import usae.explorer.site as site_mod
 
     run = tmp_path / "run"
@@ -407,11 +412,13 @@ def test_explore_reuses_a_report_of_usae_evaluate_on_several_stores(world, tmp_p
         raise AssertionError("evaluated again")
 
     monkeypatch.setattr(site_mod, "evaluate", no_evaluation)
-    explore(run, world.store, tmp_path / "site", n_top=2, progress=False)
-    assert site_mod.find_report(run, full["model_names"], usae.open_store(world.store))[0] == run / "report-val.json"
+    explore(ExploreConfig(run, world.store, tmp_path / "site", n_top=2, progress=False))
+    assert find_report(run, full["model_names"], usae.open_store(world.store))[0] == run / "report-val.json"
     (run / "report-val.json").unlink()  # the others cover 200 rows, not the store: evaluated again
-    with pytest.raises(AssertionError, match="evaluated again"):
-        explore(run, world.store, tmp_path / "site", n_top=2, progress=False)
+    with caplog.at_level(logging.INFO, "usae.explorer.site"), pytest.raises(AssertionError, match="evaluated again"):
+        explore(ExploreConfig(run, world.store, tmp_path / "site", n_top=2, progress=False))
+    said = [r.getMessage() for r in caplog.records if "evaluating it now" in r.getMessage()]
+    assert len(said) == 1 and f"usae evaluate {run} {world.store}" in said[0] and "\n" not in said[0]
 
 
 def test_a_write_failure_names_the_file(world, tmp_path, monkeypatch):
@@ -429,7 +436,7 @@ def test_a_write_failure_names_the_file(world, tmp_path, monkeypatch):
 
     monkeypatch.setattr(pathlib.Path, "write_text", full_disk)
     with pytest.raises(UsaeError, match=r"concepts/\d+\.html: could not write \(No space left on device\)") as e:
-        explore(world.run, world.store, tmp_path / "site", n_top=2, progress=False)
+        explore(ExploreConfig(world.run, world.store, tmp_path / "site", n_top=2, progress=False))
     assert "\n" not in str(e.value)
     assert list(tmp_path.iterdir()) == []
 
@@ -452,5 +459,5 @@ def test_a_failed_explore_leaves_no_empty_out(world, tmp_path):
     bad = tmp_path / "labels.json"
     bad.write_text(json.dumps({"99999": "x"}))
     with pytest.raises(UsaeError, match="labels.json"):
-        explore(world.run, world.store, tmp_path / "new" / "dirs" / "site", labels=bad, progress=False)
+        explore(ExploreConfig(world.run, world.store, tmp_path / "new" / "dirs" / "site", labels=bad, progress=False))
     assert not (tmp_path / "new").exists()

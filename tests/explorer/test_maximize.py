@@ -3,7 +3,9 @@ spectrum, the comparison with the best natural images and the transfer matrix.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -13,19 +15,13 @@ from explore_world import shared_world
 
 import usae
 from usae.__main__ import main
+from usae.config import ExploreConfig, MaximizeConfig
 from usae.errors import UsaeError
 from usae.explorer import spectrum as spectrum_mod
 from usae.explorer.concepts import load_view, top_images
 from usae.explorer.maco import FourierImage, LatentObjective, random_crops
-from usae.explorer.maximize import (
-    RESULT_NAME,
-    load_backbones,
-    maximize,
-    natural_best,
-    read_maximization,
-    token_values_of,
-    write_maximization,
-)
+from usae.explorer.maximize import load_backbones, maximize, natural_best, token_values_of
+from usae.explorer.maximize_result import read_maximization, write_maximization
 from usae.explorer.site import explore
 from usae.explorer.spectrum import (
     colour_basis,
@@ -37,6 +33,7 @@ from usae.explorer.spectrum import (
     spectrum_path,
     standardize_views,
 )
+from usae.run import MAXIMIZE_RESULT_NAME as RESULT_NAME
 
 
 def _read_png(path):
@@ -333,15 +330,21 @@ def test_read_older_results(tmp_path):
         read_maximization(tmp_path / "bad.json")
 
 
-def test_explorer_shows_maximisations(world, universal, tmp_path):
-    """Results under RUN/maximize appear on their concept pages; --maximize-top makes new ones."""
+def test_explorer_shows_maximisations(world, universal, tmp_path, caplog):
+    """Results under RUN/maximize appear on their concept pages; --maximize-top makes new ones and
+    says so in one line naming the `usae maximize` it runs."""
     run = tmp_path / "run"
     shutil.copytree(world.run, run)  # keep the shared run free of maximize/
     result = maximize(run, universal[1], models=[usae.load(run).model_names[0]], steps=2, progress=False)
     write_maximization(result, run / "maximize")
-    site = explore(
-        run, world.store, tmp_path / "site", n_top=2, maximize_top=1, maximize_steps=2, progress=False
-    ).parent
+    with caplog.at_level(logging.INFO, "usae.explorer.site"):
+        site = explore(
+            ExploreConfig(
+                run, world.store, tmp_path / "site", n_top=2, maximize_top=1, maximize_steps=2, progress=False
+            )
+        ).parent
+    said = [r.getMessage() for r in caplog.records if "usae maximize" in r.getMessage()]
+    assert len(said) == 1 and "--maximize-top 0 skips it" in said[0]
     page = (site / "concepts" / f"{universal[1]}.html").read_text()
     assert "Coordinated activation maximisation" in page
     assert (site / "max" / str(universal[1]) / "model-0.png").is_file()
@@ -358,6 +361,24 @@ def test_maximize_errors(world):
         maximize(world.run, 10_000, steps=1, progress=False)
     with pytest.raises(UsaeError, match="unknown model"):
         maximize(world.run, 0, models=["nope"], steps=1, progress=False)
+
+
+def test_the_keyword_form_builds_the_config(world, universal, monkeypatch):
+    """``maximize(run, concept, **settings)`` is MaximizeConfig with those fields: its defaults, its
+    checks, no setting of its own; the settings recorded are the config's."""
+    import usae.explorer.maximize as max_mod
+
+    seen = []
+    real = max_mod._render
+    monkeypatch.setattr(max_mod, "_render", lambda cfg, *a: seen.append(cfg) or real(cfg, *a))
+    r = maximize(world.run, universal[0], steps=1, noise=0.0, crop_scale=(0.5, 1.0), compare=False, progress=False)
+    want = MaximizeConfig(world.run, (universal[0],), steps=1, noise=0.0, crop_scale=(0.5, 1.0), compare=False)
+    assert seen == [dataclasses.replace(want, progress=False)]
+    assert r.settings["noise"] == 0.0 and r.settings["crop_scale"] == [0.5, 1.0] and r.settings["n_crops"] == 6
+    with pytest.raises(UsaeError, match="noise"):
+        maximize(world.run, universal[0], noise=-1.0)
+    with pytest.raises(TypeError, match="batch"):
+        maximize(world.run, universal[0], batch=3)
 
 
 def test_cli_maximize(world, tmp_path, capsys):

@@ -156,6 +156,7 @@ def test_resume_after_simulated_crash_equals_clean_run(tmp_path, monkeypatch):
     assert meta[0]["hash"] == meta[1]["hash"] and meta[0]["image_ids"] == meta[1]["image_ids"]
 
 
+@pytest.mark.slow  # three `usae extract` processes (one killed): ~15 s of process start-up on 2 cores
 def test_kill_9_during_extraction_then_rerun_completes_identically(tmp_path):
     _write_images(tmp_path / "imgs", 60, size=(96, 80))
     args = ["--images", str(tmp_path / "imgs"), "--models", *FAKES, "--device", "cpu"]
@@ -178,6 +179,7 @@ def test_kill_9_during_extraction_then_rerun_completes_identically(tmp_path):
     assert not parts.exists()
 
 
+@pytest.mark.slow  # three Python processes (an extract, then torchrun's two ranks): ~15 s of start-up
 def test_torchrun_two_processes_equal_one(tmp_path):
     _write_images(tmp_path / "imgs", 9)
     args = ["--images", str(tmp_path / "imgs"), "--models", *FAKES, "--device", "cpu", "--images-per-part", "2"]

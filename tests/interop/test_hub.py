@@ -159,7 +159,8 @@ def test_schema_1_runs_with_transposed_encoders_are_migrated(tmp_path, d_a, n_la
         read_run_config(tmp_path)
 
 
-def test_export_run_uses_report_and_store_details(small_store, tmp_path):
+def test_export_run_uses_report_and_store_details(tmp_path):
+    """Trains its own (3-step) run: on a store whose metadata names backbones, which the card reads."""
     from usae.__main__ import main
     from usae.data.store import write_store
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from usae.config.evaluate import ClassThresholds
 from usae.model import metrics
 
 
@@ -71,7 +72,8 @@ def test_classify_latents():
     ]
     # a model firing on fewer than min_rate of rows does not count as using the latent
     one = torch.tensor([[100.0], [1.0]])
-    assert metrics.classify_latents(one, 1000, min_rate=0.01, cofires_s=torch.tensor([1.0])) == ["specific"]
+    strict = ClassThresholds(min_rate=0.01)
+    assert metrics.classify_latents(one, 1000, cofires_s=torch.tensor([1.0]), thresholds=strict) == ["specific"]
 
 
 def _counts(*codes: torch.Tensor, tau: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,12 +90,12 @@ def test_universal_requires_cofiring():
     assert float(metrics.firing_entropy(fires)[0]) == pytest.approx(1.0)
     assert metrics.cofire_proportion(cofires, fires)[:, 0].tolist() == [0.0, 0.0]
     assert metrics.classify_latents(fires, 7154, cofires_s=cofires) == ["rare"]  # too few rows to be used
-    no_support_floor = {"min_rate": 0.0, "min_count": 1, "min_share": 0.0}
-    assert metrics.classify_latents(fires, 7154, cofires_s=cofires, **no_support_floor) == ["partial"]
+    no_support_floor = ClassThresholds(min_rate=0.0, min_count=1, min_share=0.0)
+    assert metrics.classify_latents(fires, 7154, cofires_s=cofires, thresholds=no_support_floor) == ["partial"]
     # same counts, same rows: universal; the co-fire rule alone made the difference
     zb = za.clone()
     fires, cofires = _counts(za, zb)
-    assert metrics.classify_latents(fires, 7154, cofires_s=cofires, **no_support_floor) == ["universal"]
+    assert metrics.classify_latents(fires, 7154, cofires_s=cofires, thresholds=no_support_floor) == ["universal"]
     # well supported, equal counts, but on different rows: not universal
     za, zb = torch.zeros(1000, 1), torch.zeros(1000, 1)
     za[:50, 0] = zb[50:100, 0] = 1.0
@@ -101,9 +103,10 @@ def test_universal_requires_cofiring():
     assert metrics.classify_latents(fires, 1000, cofires_s=cofires) == ["partial"]
     # threshold: min over models of CFP = cofires / max fires; at exactly UNIVERSAL_COFIRE it passes
     fires = torch.tensor([[100.0, 100.0], [60.0, 60.0]])
-    cofires = torch.tensor([100.0 * metrics.UNIVERSAL_COFIRE, 100.0 * metrics.UNIVERSAL_COFIRE - 1])
+    cofire = ClassThresholds().universal_cofire
+    cofires = torch.tensor([100.0 * cofire, 100.0 * cofire - 1])
     assert metrics.min_cofire_proportion(cofires, fires).tolist() == pytest.approx([0.2, 0.19])
-    labels = metrics.classify_latents(fires, 1000, universal_fe=0.0, cofires_s=cofires)
+    labels = metrics.classify_latents(fires, 1000, cofires_s=cofires, thresholds=ClassThresholds(universal_fe=0.0))
     assert labels == ["universal", "partial"]
 
 
@@ -115,7 +118,8 @@ def test_support_rule_scales_with_the_store():
     assert metrics.used_latents(fires, 7154).flatten().tolist() == [True, False]
     # min_share alone: 10x the store, 40 tokens pass count and rate but are 0.14% of 29110
     fires10 = torch.tensor([[29110.0], [40.0]])
-    assert metrics.used_latents(fires10, 71540, min_share=0.0).flatten().tolist() == [True, True]
+    no_share = ClassThresholds(min_share=0.0)
+    assert metrics.used_latents(fires10, 71540, no_share).flatten().tolist() == [True, True]
     assert metrics.used_latents(fires10, 71540).flatten().tolist() == [True, False]
     # min_count alone: 5 tokens in each model is used by none (rare), 10 is enough
     fires = torch.tensor([[5.0, 10.0], [5.0, 10.0]])
@@ -139,11 +143,12 @@ def test_rare_and_dead_classes():
 
 def test_class_threshold_defaults_are_the_constants():
     params = inspect.signature(metrics.classify_latents).parameters
-    assert params["universal_fe"].default == metrics.UNIVERSAL_FE == 0.8
-    assert params["min_rate"].default == metrics.MIN_RATE
-    assert params["min_count"].default == metrics.MIN_COUNT
-    assert params["min_share"].default == metrics.MIN_SHARE
-    assert params["universal_cofire"].default == metrics.UNIVERSAL_COFIRE
+    assert params["thresholds"].default == ClassThresholds() and ClassThresholds().universal_fe == 0.8
+    assert ClassThresholds().to_dict() == {
+        "min_rate": 1e-4, "universal_fe": 0.8, "min_count": 10, "min_share": 0.05, "universal_cofire": 0.2,
+    }  # fmt: skip
+    assert ClassThresholds.from_dict({"min_count": 5.0}) == ClassThresholds(min_count=5)
+    assert metrics.CLASSES == ("universal", "partial", "specific", "rare", "dead")
     with pytest.raises(TypeError, match="cofires_s"):  # co-firing is required, not silently skipped
         metrics.classify_latents(torch.ones(2, 1), 10)
 

@@ -35,6 +35,7 @@ def _train_one_and_two(store, tmp_path, steps: int) -> tuple[Path, Path]:
     return one, two
 
 
+@pytest.mark.slow  # three Python processes (torchrun's two ranks and one reference fit): ~40 s on 2 cores
 def test_torchrun_two_processes_match_one(small_store, tmp_path):
     """The same global batch split over 2 gloo ranks trains the same model as 1 process.
 
@@ -58,6 +59,7 @@ def test_torchrun_two_processes_match_one(small_store, tmp_path):
         assert r2["train/loss"] == pytest.approx(r1["train/loss"], rel=0.03)
 
 
+@pytest.mark.slow  # two 1000-step runs: ~10 s
 def test_extend_adds_a_model_onto_existing_latents(tmp_path):
     world = make_world(
         {"a": 40, "b": 48, "c": 56}, n_rows=20_000, n_universal=24, n_partial=0, n_specific=0, k_active=4, seed=5

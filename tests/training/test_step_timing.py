@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-import usae.training.fit as fit_mod
 from usae.config import TrainConfig
 from usae.training.fit import fit, fit_many
+from usae.training.timing import StepTimer
 
 
 def cfg_for(store, out, **kw) -> TrainConfig:
@@ -44,8 +44,8 @@ def test_cuda_timer_reads_events_in_batches(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device: None)
-    monkeypatch.setattr(fit_mod._StepTimer, "READ_EVERY", 4)
-    timer = fit_mod._StepTimer(2, torch.device("cuda"))
+    monkeypatch.setattr(StepTimer, "READ_EVERY", 4)
+    timer = StepTimer(2, torch.device("cuda"))
     for _ in range(5):  # run 0 takes 1 ms a step, run 1 takes 3 ms
         for i, cost in enumerate((1.0, 3.0)):
             began = timer.start()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import usae.training.fit as train_mod
-import usae.training.run_dir as run_dir_mod
+import usae.training.resume as resume_mod
 from usae.config import TrainConfig
 from usae.data.store import write_store
 from usae.data.synth import make_world, recovery
@@ -149,6 +149,7 @@ def test_auxk_revives_dead_latents(small_store, tmp_path):
     assert result.last_metrics["train/aux"] > 0
 
 
+@pytest.mark.slow  # a 1500-step run that must recover planted concepts: ~15 s
 def test_recovers_planted_universal_concepts(tmp_path):
     world = make_world(
         {"a": 48, "b": 64, "c": 56},
@@ -210,21 +211,24 @@ def test_fit_many_equals_separate_fits(small_store, tmp_path):
 
 def test_select_precision_default_follows_the_hardware_and_resume_keeps_it(small_store, tmp_path, monkeypatch):
     run = tmp_path / "run"
-    monkeypatch.setattr(run_dir_mod, "native_bf16", lambda device: True)
+    monkeypatch.setattr(resume_mod, "native_bf16", lambda device: True)
     fit(cfg_for(small_store, run, steps=20, save_every=10))
     assert json.loads((run / "config.json").read_text())["train"]["select_precision"] == "bfloat16"
     # resumed on a machine without bf16: the run keeps the choice it was started with
-    monkeypatch.setattr(run_dir_mod, "native_bf16", lambda device: False)
+    monkeypatch.setattr(resume_mod, "native_bf16", lambda device: False)
     seen = []
     real_step = train_mod.train_step
-    monkeypatch.setattr(train_mod, "train_step", lambda *a, **kw: seen.append(a[-1]) or real_step(*a, **kw))
+    monkeypatch.setattr(
+        train_mod, "train_step", lambda *a, **kw: seen.append(a[4].optim.select_precision) or real_step(*a, **kw)
+    )
     fit(cfg_for(small_store, run, steps=30, resume=True))
-    assert seen and set(seen) == {torch.bfloat16}
+    assert seen and set(seen) == {"bfloat16"}
     # encoders without the sparse path ignore the setting and record float32
     fit(cfg_for(small_store, tmp_path / "mlp", steps=2, encoder="mlp"))
     assert json.loads((tmp_path / "mlp" / "config.json").read_text())["train"]["select_precision"] == "float32"
 
 
+@pytest.mark.slow  # two 800-step runs: ~20 s
 def test_bf16_selection_recovers_concepts_like_float32(tmp_path):
     world = make_world(
         {"a": 48, "b": 64, "c": 56}, n_rows=20_000, n_universal=32, n_partial=12, n_specific=12, k_active=5, seed=11

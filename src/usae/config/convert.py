@@ -18,8 +18,13 @@ def refuse_invalid(what: str, cfg: Any, checks: dict[str, bool]) -> None:
             raise UsaeError(f"{what}: invalid {name}={getattr(cfg, name)!r}")
 
 
+# Field metadata of a group of fields (e.g. TrainConfig.arch) that config.json holds flat, as the CLI
+# shows it (tyro.conf.OmitArgPrefixes): grouping fields changes neither the flags nor the file.
+FLAT = {"flat": True}
+
+
 def to_json_dict(cfg: Any) -> dict[str, Any]:
-    """A dataclass as JSON-ready dict (paths as str, tuples as lists)."""
+    """A dataclass as JSON-ready dict (paths as str, tuples as lists; a ``FLAT`` group's fields in its place)."""
 
     def conv(v: Any) -> Any:
         if isinstance(v, Path):
@@ -30,25 +35,55 @@ def to_json_dict(cfg: Any) -> dict[str, Any]:
             return {str(a): conv(b) for a, b in v.items()}
         return v
 
-    return {f.name: conv(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.metadata.get("flat"):
+            out.update(to_json_dict(value))
+        else:
+            out[f.name] = conv(value)
+    return out
 
 
 def from_json_dict(cls: type, data: dict[str, Any], where: str) -> Any:
     """Rebuild dataclass ``cls`` from ``data``; unknown or missing keys raise UsaeError naming ``where``."""
     if not isinstance(data, dict):
         raise UsaeError(f"{where}: expected a JSON object, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = _leaf_fields(cls)
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise UsaeError(f"{where}: unknown config key(s) {unknown}")
-    hints = typing.get_type_hints(cls, include_extras=False)
-    kwargs = {}
-    for name, f in fields.items():
+    values = {}
+    for name, (f, hint) in fields.items():
         if name not in data:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise UsaeError(f"{where}: missing config key {name!r}")
             continue
-        kwargs[name] = _coerce(hints[name], data[name], f"{where}: field {name!r}")
+        values[name] = _coerce(hint, data[name], f"{where}: field {name!r}")
+    return _build(cls, values)
+
+
+def _leaf_fields(cls: type) -> dict[str, tuple[dataclasses.Field, Any]]:
+    """``cls``'s fields and their types by name, each ``FLAT`` group's fields in the group's place."""
+    hints = typing.get_type_hints(cls, include_extras=False)
+    out: dict[str, tuple[dataclasses.Field, Any]] = {}
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("flat"):
+            out.update(_leaf_fields(hints[f.name]))
+        else:
+            out[f.name] = (f, hints[f.name])
+    return out
+
+
+def _build(cls: type, values: dict[str, Any]) -> Any:
+    """``cls`` from field values by name; each ``FLAT`` group built from its own fields' values."""
+    hints = typing.get_type_hints(cls, include_extras=False)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("flat"):
+            kwargs[f.name] = _build(hints[f.name], values)
+        elif f.name in values:
+            kwargs[f.name] = values[f.name]
     return cls(**kwargs)
 
 

@@ -5,27 +5,61 @@ Each dataclass is a subcommand of ``usae``; its field docstrings become ``--help
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import tyro
 
 from usae.config.convert import refuse_invalid
 from usae.errors import UsaeError
 
-# Concept classes (model/metrics.py classify_latents, evaluate, report): the defaults, defined once.
-MIN_RATE = 1e-4
-"""Support: a model uses a latent only if it fires on at least this fraction of the rows."""
-MIN_COUNT = 10
-"""Support: ... and on at least this many rows (rate alone is 1 row in 10 000, meaningless on a
-small store: a count under ~10 is mostly noise, its relative Poisson error is over 30%)."""
-MIN_SHARE = 0.05
-"""Support: ... and at least this fraction of the latent's count in the model where it fires most,
-so 2911 : 4 is one model's concept, not shared (whatever the store's size)."""
-UNIVERSAL_FE = 0.8
-"""Universal: firing entropy at least this (fires about equally often in every model)."""
-UNIVERSAL_COFIRE = 0.2
-"""Universal: co-fire proportion at least this in every model (fires on the same rows)."""
+
+@dataclass(frozen=True)
+class ClassThresholds:
+    """How latents are classified into concept classes (``usae.model.metrics.classify_latents``).
+
+    The defaults are defined here once; ``EvalConfig`` nests them (flags ``--min-rate`` ...
+    ``--universal-cofire``) and report.json records them under ``classes.thresholds``.
+    docs/report.md gives each rule and why its default.
+    """
+
+    min_rate: float = 1e-4
+    """Concept classes (docs/report.md): a model uses a concept only if it fires on at least this
+    fraction of rows, on min_count rows and on min_share of the rows of the model where it fires most."""
+    universal_fe: float = 0.8
+    """A concept used by every model is universal when its firing entropy is at least this (and
+    universal_cofire holds). Measured on a synthetic world with 24 planted universal concepts: FE 0
+    counts 99 universal latents under the rate-only support rule (latents firing thousands of times in
+    one model and twice in the others)."""
+    min_count: int = 10
+    """A model uses a concept only if it fires on at least this many rows (see min_rate; rate alone
+    is 1 row in 10 000, meaningless on a small store: a count under ~10 is mostly noise, its relative
+    Poisson error is over 30%)."""
+    min_share: float = 0.05
+    """A model uses a concept only if it fires on at least this fraction of the rows of the model
+    where the concept fires most (see min_rate), so 2911 : 4 is one model's concept, not shared."""
+    universal_cofire: float = 0.2
+    """A concept used by every model is universal when, in every model, its co-fire proportion
+    (rows where it fires in all models / rows where it fires in that model) is at least this."""
+
+    def __post_init__(self) -> None:
+        for field in ("min_rate", "min_share", "universal_fe", "universal_cofire"):
+            if not 0.0 <= getattr(self, field) <= 1.0:
+                raise UsaeError(f"evaluate: {field} must be in [0, 1], got {getattr(self, field)}")
+        if self.min_count < 0:
+            raise UsaeError(f"evaluate: min_count must be >= 0, got {self.min_count}")
+
+    def to_dict(self) -> dict[str, float | int]:
+        """The JSON form report.json records under ``classes.thresholds``."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> ClassThresholds:
+        """The thresholds ``saved`` records (``to_dict``); defaults for those it lacks (older reports)."""
+        kinds = {f.name: int if f.type in (int, "int") else float for f in dataclasses.fields(cls)}
+        return cls(**{k: kinds[k](v) for k, v in saved.items() if k in kinds})
 
 
 @dataclass(frozen=True)
@@ -47,27 +81,15 @@ class EvalConfig:
     """Evaluate only the first N rows."""
     tau: float = 0.1
     """A latent fires when its code exceeds tau."""
-    # Concept-class thresholds: the module constants above, which usae.model.metrics also uses.
-    min_rate: float = MIN_RATE
-    """Concept classes (docs/report.md): a model uses a concept only if it fires on at least this
-    fraction of rows, on min_count rows and on min_share of the rows of the model where it fires most."""
-    min_count: int = MIN_COUNT
-    """A model uses a concept only if it fires on at least this many rows (see min_rate)."""
-    min_share: float = MIN_SHARE
-    """A model uses a concept only if it fires on at least this fraction of the rows of the model
-    where the concept fires most (see min_rate)."""
-    universal_fe: float = UNIVERSAL_FE
-    """A concept used by every model is universal when its firing entropy is at least this (and
-    universal_cofire holds)."""
-    universal_cofire: float = UNIVERSAL_COFIRE
-    """A concept used by every model is universal when, in every model, its co-fire proportion
-    (rows where it fires in all models / rows where it fires in that model) is at least this."""
+    thresholds: tyro.conf.OmitArgPrefixes[ClassThresholds] = ClassThresholds()
+    """The concept-class thresholds (flags without a prefix: --min-rate ...)."""
     report: bool = True
     """Also write report.md and PNG figures (RUN/baselines.json, splice.json and labels.json, if present,
     are included)."""
     label: bool = True
     """When the first store records per-image labels (`usae extract --labels`) and RUN/labels.json is not
-    for it, name the concepts there first (`usae label` with its defaults) so the report shows them."""
+    for it, name the concepts there first (`usae label` with its defaults, said in one log line) so the
+    report shows them; --no-label skips it."""
     device: str = "auto"
     """'auto', 'cpu', 'cuda', ..."""
     progress: bool = True
@@ -76,11 +98,6 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if not self.stores:
             raise UsaeError("evaluate: give at least one store")
-        for field in ("min_rate", "min_share", "universal_fe", "universal_cofire"):
-            if not 0.0 <= getattr(self, field) <= 1.0:
-                raise UsaeError(f"evaluate: {field} must be in [0, 1], got {getattr(self, field)}")
-        if self.min_count < 0:
-            raise UsaeError(f"evaluate: min_count must be >= 0, got {self.min_count}")
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,9 @@ class ExploreConfig:
 
     run: tyro.conf.Positional[Path]
     """Run directory (from `usae train`). A report of `usae evaluate` in RUN (report.json, or the
-    report-<store>.json of several stores) computed on all of STORE is reused; maximisations under
-    RUN/maximize/ are shown on their concepts' pages."""
+    report-<store>.json of several stores) computed on all of STORE is reused (without one, the run is
+    evaluated on STORE first, not saved: run `usae evaluate RUN STORE` to reuse it); maximisations
+    under RUN/maximize/ are shown on their concepts' pages."""
     store: tyro.conf.Positional[Path]
     """Store made by `usae extract` (it records the images and the token grid)."""
     out: Path = Path("explorer")
@@ -39,7 +40,8 @@ class ExploreConfig:
     batch_images: int = 64
     """Images per streamed batch."""
     maximize_top: int = 0
-    """Also run coordinated activation maximisation for the N universal concepts of most energy."""
+    """Also run `usae maximize` (into RUN/maximize) for the N universal concepts of most energy first;
+    0: only show the maximisations already there."""
     maximize_steps: int = 128
     """Optimisation steps of those maximisations."""
     maximize_crops: int = 6
@@ -77,6 +79,10 @@ class MaximizeConfig:
     """Side of the optimised image in pixels (default: the store's canonical view size)."""
     n_crops: int = 6
     """Random crops (jitter, zoom, noise) scored per step."""
+    crop_scale: tuple[float, float] = (0.8, 1.0)
+    """Side of each random crop, as a fraction of the image's (lowest, highest)."""
+    noise: float = 0.05
+    """Standard deviation of the Gaussian noise added to each crop (pixels in [0, 1])."""
     lr: float = 1.0
     """NAdam learning rate on the Fourier phase (MACO's)."""
     spectrum: Literal["data", "1/f"] | None = None
@@ -99,5 +105,8 @@ class MaximizeConfig:
             raise UsaeError("maximize: give at least one --concept")
         checks = {"steps": self.steps >= 1, "n_crops": self.n_crops >= 1, "lr": self.lr > 0}
         checks["spectrum_images"] = self.spectrum_images >= 1
+        checks["spectrum"] = self.spectrum in (None, "data", "1/f")
         checks["size"] = self.size is None or self.size >= 8
+        checks["crop_scale"] = 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1
+        checks["noise"] = self.noise >= 0
         refuse_invalid("maximize", self, checks)

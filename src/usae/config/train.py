@@ -1,6 +1,8 @@
 """The training stage's configs: the SAE architecture (`SAEConfig`) and `usae train` (`TrainConfig`).
 
-Each dataclass is a subcommand of ``usae``; its field docstrings become ``--help``.
+``TrainConfig`` is four groups of fields (``DataConfig``, ``ArchConfig``, ``OptimConfig``,
+``OutputConfig``) shown flat on the command line and in config.json. Field docstrings become
+``--help``.
 """
 
 from __future__ import annotations
@@ -9,11 +11,11 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import tyro
 
-from usae.config.convert import refuse_invalid
+from usae.config.convert import FLAT, refuse_invalid
 from usae.errors import UsaeError
 
 Rule = Literal["random-source", "all-sources", "as-released", "sparc", "crosscoder"]
@@ -84,23 +86,75 @@ def _physical_memory_bytes() -> int | None:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """Fit a universal SAE on a paired activation store."""
+class DataConfig:
+    """Which rows each step reads, and where they go: runs that agree on all of it share one pass over
+    the store (``fit_many``)."""
 
     store: tyro.conf.Positional[Path]
     """Paired activation store directory (written by `usae synth`, `write_store` or extraction)."""
-    out: Path = Path("runs/usae")
-    """Run directory: config.json, model.safetensors, metrics.jsonl, checkpoints/."""
-    n_latents: int = 4096
-    """Number of shared concepts (dictionary size)."""
-    k: int = 32
-    """Active concepts per token."""
     steps: int = 2000
     """Optimiser steps."""
     batch_size: int = 4096
     """Rows (tokens) per step."""
     seed: int = 0
     """Seed: initialisation, data order and source choice. A run is deterministic on CPU."""
+    models: tuple[str, ...] | None = None
+    """Subset of the store's models to train on (default: all, in store order)."""
+    shuffle_buffer_mb: int = 256
+    """Rows are shuffled within windows of about this many MB read whole from the store; two
+    windows are in memory at a time (the one in use and the next, read ahead)."""
+    device: str = "auto"
+    """'auto' (cuda if present), 'cpu', 'cuda', 'cuda:1', ..."""
+
+    def __post_init__(self) -> None:
+        checks = {
+            "steps": self.steps >= 1,
+            "batch_size": self.batch_size >= 1,
+            "shuffle_buffer_mb": self.shuffle_buffer_mb >= 1,
+        }
+        refuse_invalid("train config", self, checks)
+
+
+@dataclass(frozen=True)
+class ArchConfig:
+    """What is built: the SAE's architecture (``SAEConfig``'s fields but the widths, which the store
+    gives), its input normalisation and its initialisation."""
+
+    n_latents: int = 4096
+    """Number of shared concepts (dictionary size)."""
+    k: int = 32
+    """Active concepts per token."""
+    encoder: Encoder = "linear"
+    """Per-model encoder: 'linear' or 'mlp' (Linear + BatchNorm, the paper's mlp_bn_1)."""
+    activation: Activation = "topk"
+    """'topk' or 'batchtopk'."""
+    decoder_norm: DecoderNorm = "max1"
+    """Dictionary rows: 'max1' (norm <= 1) or 'unit' (norm == 1, the paper). See docs/defaults.md."""
+    normalization: Normalization = "scalar"
+    """Input normalisation per model: 'scalar' (per-dim mean, one scalar std), 'per-dim'
+    (per-dim mean and std), 'paper' (one scalar mean and std, as released), 'none'."""
+    init: Literal["data", "random"] = "data"
+    """Dictionary init: rows from the same random data rows in every model, or random directions.
+    Encoders start as the decoder transpose either way."""
+    extend: Path | None = None
+    """Add models to a trained universe: RUN whose models stay frozen; only the store's other models'
+    encoders and decoders are fit (the store must hold the run's models, paired, plus the new ones)."""
+
+    def __post_init__(self) -> None:
+        refuse_invalid("train config", self, {"n_latents": self.n_latents >= 1})
+        if not 1 <= self.k <= self.n_latents:
+            raise UsaeError(f"train config: k must be in [1, n_latents={self.n_latents}], got {self.k}")
+
+    def sae_config(self, widths: dict[str, int]) -> SAEConfig:
+        """The architecture for models of ``widths``: this group's fields named as SAEConfig's."""
+        arch = {f.name: getattr(self, f.name) for f in dataclasses.fields(SAEConfig) if f.name != "widths"}
+        return SAEConfig(widths=dict(widths), **arch)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """How each step updates it: the update rule, the losses, the optimiser and its LR schedule."""
+
     rule: Rule = "random-source"
     """'random-source': each step encodes one random model and decodes to all (paper);
     'all-sources': every model encodes each step; 'as-released': random-source but only the
@@ -109,8 +163,6 @@ class TrainConfig:
     the summed pre-activations, per-model values, all-to-all reconstruction) and 'crosscoder'
     (acausal crosscoder: one code from the summed pre-activations of all models). These two use
     no AuxK."""
-    models: tuple[str, ...] | None = None
-    """Subset of the store's models to train on (default: all, in store order)."""
     lr: float | None = None
     """Peak learning rate. Default: 3e-2 · min(1, 128 / widest model's d), whatever n_latents and batch
     size (measured in docs/defaults.md)."""
@@ -128,35 +180,37 @@ class TrainConfig:
     """Clip the global gradient norm to this value (None: no clipping)."""
     loss: Literal["l2", "l1"] = "l2"
     """Reconstruction loss per element in normalised units: squared (l2) or absolute (l1)."""
-    encoder: Encoder = "linear"
-    """Per-model encoder: 'linear' or 'mlp' (Linear + BatchNorm, the paper's mlp_bn_1)."""
-    activation: Activation = "topk"
-    """'topk' or 'batchtopk'."""
-    normalization: Normalization = "scalar"
-    """Input normalisation per model: 'scalar' (per-dim mean, one scalar std), 'per-dim'
-    (per-dim mean and std), 'paper' (one scalar mean and std, as released), 'none'."""
-    decoder_norm: DecoderNorm = "max1"
-    """Dictionary rows: 'max1' (norm <= 1) or 'unit' (norm == 1, the paper). See docs/defaults.md."""
-    init: Literal["data", "random"] = "data"
-    """Dictionary init: rows from the same random data rows in every model, or random directions.
-    Encoders start as the decoder transpose either way."""
     auxk_coef: float = 1 / 32
     """Weight of the AuxK loss that revives dead latents (0 disables)."""
     k_aux: int | None = None
     """Dead latents used by AuxK per row. Default: min(n_latents // 2, 256)."""
     dead_after_tokens: int = 262_144
     """A latent is dead for a model after this many of its encoded tokens without firing."""
-    shuffle_buffer_mb: int = 256
-    """Rows are shuffled within windows of about this many MB read whole from the store; two
-    windows are in memory at a time (the one in use and the next, read ahead)."""
-    extend: Path | None = None
-    """Add models to a trained universe: RUN whose models stay frozen; only the store's other models'
-    encoders and decoders are fit (the store must hold the run's models, paired, plus the new ones)."""
     select_precision: Literal["float32", "bfloat16"] | None = None
     """Precision of the one dense matmul that chooses each token's k latents (linear TopK
     encoders). The chosen entries' values and every gradient stay full precision, so bfloat16 only
     changes near-ties at the k-th place. Default: bfloat16 where the device multiplies it natively
     (CUDA sm80+, CPUs with AVX512-BF16 or AMX; 3-4x faster than float32 there), else float32."""
+
+    def __post_init__(self) -> None:
+        checks = {
+            "dead_after_tokens": self.dead_after_tokens >= 1,
+            "lr": self.lr is None or self.lr > 0,
+            "warmup_steps": self.warmup_steps is None or self.warmup_steps >= 0,
+            "lr_end_ratio": 0.0 <= self.lr_end_ratio <= 1.0,
+            "grad_clip": self.grad_clip is None or self.grad_clip > 0,
+            "auxk_coef": self.auxk_coef >= 0,
+            "k_aux": self.k_aux is None or self.k_aux >= 1,
+        }
+        refuse_invalid("train config", self, checks)
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """Where the run is written, how often, and who else hears of it: nothing here changes a result."""
+
+    out: Path = Path("runs/usae")
+    """Run directory: config.json, model.safetensors, metrics.jsonl, checkpoints/."""
     log_every: int = 50
     """Write metrics.jsonl every N steps (the only host syncs in the loop)."""
     save_every: int = 0
@@ -165,8 +219,6 @@ class TrainConfig:
     """Continue from the newest checkpoint in --out."""
     overwrite: bool = False
     """Allow training into a run directory that already holds a run."""
-    device: str = "auto"
-    """'auto' (cuda if present), 'cpu', 'cuda', 'cuda:1', ..."""
     progress: bool = True
     """Show a progress bar."""
     # The alias: torchrun's own parser refuses `--log` anywhere on its command line (an ambiguous
@@ -178,32 +230,74 @@ class TrainConfig:
     pip install 'usae[tracking]'. Under torchrun, spell it --trackers."""
 
     def __post_init__(self) -> None:
-        checks = {
-            "steps": self.steps >= 1,
-            "batch_size": self.batch_size >= 1,
-            "n_latents": self.n_latents >= 1,
-            "log_every": self.log_every >= 1,
-            "save_every": self.save_every >= 0,
-            "dead_after_tokens": self.dead_after_tokens >= 1,
-            "shuffle_buffer_mb": self.shuffle_buffer_mb >= 1,
-            "lr": self.lr is None or self.lr > 0,
-            "warmup_steps": self.warmup_steps is None or self.warmup_steps >= 0,
-            "lr_end_ratio": 0.0 <= self.lr_end_ratio <= 1.0,
-            "grad_clip": self.grad_clip is None or self.grad_clip > 0,
-            "auxk_coef": self.auxk_coef >= 0,
-            "k_aux": self.k_aux is None or self.k_aux >= 1,
-        }
-        refuse_invalid("train config", self, checks)
-        if not 1 <= self.k <= self.n_latents:
-            raise UsaeError(f"train config: k must be in [1, n_latents={self.n_latents}], got {self.k}")
+        refuse_invalid("train config", self, {"log_every": self.log_every >= 1, "save_every": self.save_every >= 0})
+
+
+_GROUPS = {"data": DataConfig, "arch": ArchConfig, "optim": OptimConfig, "io": OutputConfig}
+_GROUP_OF = {f.name: group for group, cls in _GROUPS.items() for f in dataclasses.fields(cls)}
+
+
+@dataclass(frozen=True, init=False)
+class TrainConfig:
+    """Fit a universal SAE on a paired activation store.
+
+    Attributes:
+        data: Which rows each step reads, on which device (runs that agree on all of it share one
+            pass over the store: ``fit_many``).
+        arch: What is built: the SAE's architecture, input normalisation and initialisation.
+        optim: How it is updated: the rule, the losses, the optimiser and its LR schedule.
+        io: Where the run is written, how often, and to which trackers (nothing here changes a result).
+
+    The groups are invisible from outside: the flags are ``--k``, not ``--arch.k``; config.json's
+    ``train`` object is flat; and in Python ``TrainConfig(store=..., k=8)`` takes any field by its own
+    name (whole groups too: ``TrainConfig(data=..., arch=...)``), ``cfg.k`` reads ``cfg.arch.k``,
+    and ``dataclasses.replace(cfg, k=8)`` replaces one field. The auto values (``None``: lr,
+    warmup_steps, k_aux, models, select_precision) are resolved once, when a run opens
+    (``usae.training.resume.resolve``); the training loop reads that resolved config.
+    """
+
+    data: tyro.conf.OmitArgPrefixes[DataConfig] = dataclasses.field(metadata=FLAT)
+    arch: tyro.conf.OmitArgPrefixes[ArchConfig] = dataclasses.field(default_factory=ArchConfig, metadata=FLAT)
+    optim: tyro.conf.OmitArgPrefixes[OptimConfig] = dataclasses.field(default_factory=OptimConfig, metadata=FLAT)
+    io: tyro.conf.OmitArgPrefixes[OutputConfig] = dataclasses.field(default_factory=OutputConfig, metadata=FLAT)
+
+    def __init__(
+        self,
+        store: Path | str | None = None,
+        *,
+        data: DataConfig | None = None,
+        arch: ArchConfig | None = None,
+        optim: OptimConfig | None = None,
+        io: OutputConfig | None = None,
+        **fields: Any,
+    ) -> None:
+        if store is not None:
+            fields["store"] = store
+        given = {"data": data, "arch": arch, "optim": optim, "io": io}
+        for name, cls in _GROUPS.items():
+            own = {key: fields.pop(key) for key in list(fields) if _GROUP_OF.get(key) == name}
+            group = given[name]
+            object.__setattr__(self, name, cls(**own) if group is None else dataclasses.replace(group, **own))
+        if fields:
+            raise TypeError(f"TrainConfig got unexpected keyword argument(s) {sorted(fields)}")
+
+    def __getattr__(self, name: str) -> Any:
+        """A field read by its own name (``cfg.k``): from its group (called only when no attribute matches)."""
+        group = _GROUP_OF.get(name)
+        if group is None:
+            raise AttributeError(f"'TrainConfig' object has no attribute {name!r}")
+        return getattr(getattr(self, group), name)
 
     def sae_config(self, widths: dict[str, int]) -> SAEConfig:
-        """The architecture this config trains for models of ``widths``: its fields named as SAEConfig's."""
-        arch = {f.name: getattr(self, f.name) for f in dataclasses.fields(SAEConfig) if f.name != "widths"}
-        return SAEConfig(widths=dict(widths), **arch)
+        """The architecture this config trains for models of ``widths`` (``arch.sae_config``)."""
+        return self.arch.sae_config(widths)
 
-    def resolved_warmup(self) -> int:
-        return self.warmup_steps if self.warmup_steps is not None else min(1000, self.steps // 20)
 
-    def resolved_k_aux(self) -> int:
-        return self.k_aux if self.k_aux is not None else max(1, min(self.n_latents // 2, 256))
+def default_warmup(steps: int) -> int:
+    """Warmup steps when --warmup-steps is not given: 5% of the steps, at most 1000."""
+    return min(1000, steps // 20)
+
+
+def default_k_aux(n_latents: int) -> int:
+    """AuxK's dead latents per row when --k-aux is not given: half the dictionary, at most 256."""
+    return max(1, min(n_latents // 2, 256))

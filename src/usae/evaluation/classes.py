@@ -7,40 +7,19 @@ model and ranks top concepts by scale-free energy. docs/report.md defines every 
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
 
+from usae.config.evaluate import ClassThresholds
 from usae.model import metrics
-
-CLASSES = ("universal", "partial", "specific", "rare", "dead")
-USED_CLASSES = CLASSES[:3]
-"""The classes of latents some model uses (rare and dead: no model uses them)."""
-
-
-class ClassThresholds(NamedTuple):
-    """How latents are classified (``usae.model.metrics.classify_latents``); defaults are metrics' constants."""
-
-    min_rate: float = metrics.MIN_RATE
-    """Support: a model *uses* a latent only if it fires on at least this fraction of its rows, ..."""
-    universal_fe: float = metrics.UNIVERSAL_FE
-    """Universal = used by every model, firing entropy >= this and co-firing (below). Measured on a
-    synthetic world with 24 planted universal concepts: FE 0 counts 99 universal latents under the
-    rate-only support rule (latents firing thousands of times in one model and twice in the others);
-    docs/report.md."""
-    min_count: float = metrics.MIN_COUNT
-    """Support: ... on at least this many rows, ..."""
-    min_share: float = metrics.MIN_SHARE
-    """Support: ... and on at least this fraction of its count in the model where it fires most."""
-    universal_cofire: float = metrics.UNIVERSAL_COFIRE
-    """Universal: co-fire proportion >= this in every model (fires on the same rows, not only as often)."""
+from usae.model.metrics import CLASSES, USED_CLASSES
 
 
 def thresholds_of(report: dict[str, Any]) -> ClassThresholds:
     """The thresholds a report records under classes.thresholds; defaults for those it lacks (older reports)."""
-    saved = report.get("classes", {}).get("thresholds") or {}
-    return ClassThresholds(**{k: float(v) for k, v in saved.items() if k in ClassThresholds._fields})
+    return ClassThresholds.from_dict(report.get("classes", {}).get("thresholds") or {})
 
 
 def report_fires_ms(report: dict[str, Any]) -> np.ndarray:
@@ -54,15 +33,14 @@ def floats(values: list[float | None]) -> np.ndarray:
 def used(report: dict[str, Any], thresholds: ClassThresholds) -> np.ndarray:
     """Bool (m, s): which model uses which latent under the support rule of ``thresholds``."""
     fires = torch.from_numpy(report_fires_ms(report))
-    t = thresholds
-    return metrics.used_latents(fires, report["n_rows"], t.min_rate, t.min_count, t.min_share).numpy()
+    return metrics.used_latents(fires, report["n_rows"], thresholds).numpy()
 
 
 def classify(report: dict[str, Any], thresholds: ClassThresholds) -> list[str]:
     """Per-latent class labels recomputed from the report's fire and co-fire counts with ``thresholds``."""
     fires = torch.from_numpy(report_fires_ms(report))
     cofires = torch.tensor(report["cofiring"]["cofires"], dtype=torch.float64)
-    return metrics.classify_latents(fires, report["n_rows"], cofires_s=cofires, **thresholds._asdict())
+    return metrics.classify_latents(fires, report["n_rows"], cofires_s=cofires, thresholds=thresholds)
 
 
 def class_counts(report: dict[str, Any], labels: list[str], thresholds: ClassThresholds) -> dict[str, Any]:

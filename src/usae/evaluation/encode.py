@@ -22,10 +22,9 @@ from usae._io import check_output, fsync_path, output_dir, publish_dir, save_npy
 from usae._version import __version__
 from usae.config import EncodeConfig
 from usae.data.codes import FORMAT, METADATA_NAME, SCHEMA_VERSION, codes_shard_names, top_codes
-from usae.data.store import open_store
 from usae.device import resolve_device
 from usae.errors import UsaeError
-from usae.run import load, read_run_config
+from usae.run import load, open_run_store, read_run_config
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +39,11 @@ def encode_store(cfg: EncodeConfig) -> Path:
     out = check_output(cfg.out, FORMAT, overwrite=cfg.overwrite, reading=(cfg.run, cfg.store), replaces=True)
     device = resolve_device(cfg.device)
     sae = load(cfg.run, device=device)
-    store = open_store(cfg.store)
     names = list(cfg.models) if cfg.models else sae.model_names
-    for name in names:
-        if name not in sae.model_names:
-            raise UsaeError(f"--models: {name!r} is not a model of run {cfg.run} ({sae.model_names})")
-        if store.widths.get(name) != sae.cfg.widths[name]:
-            raise UsaeError(
-                f"store {store.path}: model {name!r} has width {store.widths.get(name)}, run {cfg.run} expects {sae.cfg.widths[name]}"
-            )
+    unknown = [n for n in names if n not in sae.model_names]
+    if unknown:
+        raise UsaeError(f"--models: {unknown[0]!r} is not a model of run {cfg.run} ({sae.model_names})")
+    sae, store = open_run_store(sae, cfg.store, str(device), models=names)  # only the models encoded
     k = cfg.k if cfg.k is not None else (sae.k if sae.cfg.activation == "topk" else min(4 * sae.k, sae.n_latents))
     n_rows = store.n_rows if cfg.max_rows is None else min(cfg.max_rows, store.n_rows)
     run_cfg = read_run_config(cfg.run, ("usae-run", "usae-pretrained"), older_ok=True)

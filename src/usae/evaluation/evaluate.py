@@ -3,28 +3,31 @@
 One pass over the store accumulates, per source model i and destination model j, the sums the
 metrics need (squared errors, fire counts, co-fire counts, code sums) in float64; the report is
 computed from those sums at the end.
+
+``evaluate(cfg)`` is ``usae evaluate``; ``evaluate(run, store, **overrides)`` (``evaluate_run``) is its
+notebook form, which builds the config; ``evaluate_sae(sae, store, cfg)`` measures an open SAE.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import torch
 from tqdm.auto import tqdm
 
 from usae._io import check_output, output_dir, read_json, write_json_atomic
 from usae.config import EvalConfig, LabelConfig
+from usae.config.evaluate import ClassThresholds
 from usae.data.store import Store, open_store
 from usae.device import require_memory, resolve_device
-from usae.errors import UsaeError
 from usae.evaluation.classes import classify, thresholds_of
 from usae.evaluation.fidelity.measures import SPLICE_JSON
 from usae.evaluation.naming.label import LABELS_JSON, label, naming_summary
 from usae.model import metrics
 from usae.model.sae import UniversalSAE, dense
-from usae.run import load, trained_store_hash
+from usae.run import open_run_store, trained_store_hash
 
 log = logging.getLogger(__name__)
 
@@ -76,61 +79,33 @@ def _accumulate(sae: UniversalSAE, x: dict[str, torch.Tensor], means: dict, tau:
     acc.n_rows += next(iter(x.values())).shape[0]
 
 
-def evaluate_sae(
-    sae: UniversalSAE,
-    store: Store,
-    *,
-    batch_size: int = 8192,
-    max_rows: int | None = None,
-    tau: float = 0.1,
-    min_rate: float = metrics.MIN_RATE,
-    universal_fe: float = metrics.UNIVERSAL_FE,
-    min_count: int = metrics.MIN_COUNT,
-    min_share: float = metrics.MIN_SHARE,
-    universal_cofire: float = metrics.UNIVERSAL_COFIRE,
-    trained_on: str | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Stream ``store`` through ``sae`` and return the report dict (see ``evaluate``).
+def evaluate_sae(sae: UniversalSAE, store: Store, cfg: EvalConfig, trained_on: str | None = None) -> dict[str, Any]:
+    """Stream ``store`` through the open ``sae`` and return the report dict (see ``evaluate``).
 
-    ``trained_on``: content hash of the store the run was trained on (its config.json), so the report
-    says whether it measured in-sample rows or images the dictionary never saw (None: unknown).
-
-    ``min_rate`` ... ``universal_cofire``: the concept-class thresholds (``ClassThresholds``).
+    ``cfg``: its batch_size, max_rows, tau, thresholds and progress (the run and stores it names are
+    the open ``sae`` and ``store``, which ``open_run_store`` has checked). ``trained_on``: content
+    hash of the store the run was trained on (its config.json), so the report says whether it measured
+    in-sample rows or images the dictionary never saw (None: unknown).
     """
     names = sae.model_names
-    for name in names:
-        if name not in store.widths:
-            raise UsaeError(f"store {store.path} has no model {name!r} (has {store.model_names})")
-        if store.widths[name] != sae.cfg.widths[name]:
-            raise UsaeError(
-                f"store {store.path}: model {name!r} has width {store.widths[name]}, the run expects {sae.cfg.widths[name]}"
-            )
     device = next(sae.parameters()).device
     sae.eval()
-    stop = store.n_rows if max_rows is None else min(max_rows, store.n_rows)
+    stop = store.n_rows if cfg.max_rows is None else min(cfg.max_rows, store.n_rows)
     means = {n: torch.as_tensor(store.stats(n).mean, dtype=torch.float64, device=device) for n in names}
     acc = _Sums(names, sae.n_latents, device)
-    bar = tqdm(total=stop, unit="row", desc="evaluate", disable=not progress)
-    for _, batch in store.iter_batches(batch_size, names=names, start=0, stop=stop):
+    bar = tqdm(total=stop, unit="row", desc="evaluate", disable=not cfg.progress)
+    for _, batch in store.iter_batches(cfg.batch_size, names=names, start=0, stop=stop):
         x = {n: torch.from_numpy(batch[n]).to(device) for n in names}
-        _accumulate(sae, x, means, tau, acc)
+        _accumulate(sae, x, means, cfg.tau, acc)
         bar.update(next(iter(batch.values())).shape[0])
     bar.close()
-    thresholds = {
-        "min_rate": min_rate,
-        "universal_fe": universal_fe,
-        "min_count": min_count,
-        "min_share": min_share,
-        "universal_cofire": universal_cofire,
-    }
-    report = _report(sae, store, acc, means, tau, thresholds)
+    report = _report(sae, store, acc, means, cfg.tau, cfg.thresholds)
     report["store"]["trained_on"] = None if trained_on is None else trained_on == store.hash
     return report
 
 
 def _report(
-    sae: UniversalSAE, store: Store, acc: _Sums, means: dict, tau: float, thresholds: dict[str, float]
+    sae: UniversalSAE, store: Store, acc: _Sums, means: dict, tau: float, thresholds: ClassThresholds
 ) -> dict[str, Any]:
     names, n = sae.model_names, acc.n_rows
     sums = [(acc.sum_y[d], acc.sum_yy[j], means[d]) for j, d in enumerate(names)]
@@ -142,9 +117,8 @@ def _report(
     cfp_ms = metrics.cofire_proportion(acc.cofires_s, acc.fires_ms)
     dict_norm_ms = torch.stack([sae.dictionary(nm).norm(dim=1).double() for nm in names]).to(acc.sum_z_ms)
     energy_ms = metrics.energy(acc.sum_z_ms / n, dict_norm_ms)
-    labels = metrics.classify_latents(acc.fires_ms, n, cofires_s=acc.cofires_s, **thresholds)
-    classes = {c: labels.count(c) for c in ("universal", "partial", "specific", "rare", "dead")}
-    off_diag = [float(r2_mm[i, j]) for i in range(len(names)) for j in range(len(names)) if i != j]
+    labels = metrics.classify_latents(acc.fires_ms, n, cofires_s=acc.cofires_s, thresholds=thresholds)
+    self_mean, cross_mean = metrics.self_cross_means(r2_mm.tolist())
     return {
         "report_version": REPORT_VERSION,
         "model_names": names,
@@ -159,9 +133,9 @@ def _report(
         },
         "r2_matrix": _nan_to_none(r2_mm.tolist()),
         "r2_matrix_paper": _nan_to_none(r2_paper_mm.tolist()),
-        "r2_self_mean": float(r2_mm.diagonal().mean()),
+        "r2_self_mean": self_mean,
         "r2_joint": {nm: float(metrics.r2_from_sums(acc.sse_joint_m[j], sst_m[j])) for j, nm in enumerate(names)},
-        "r2_cross_mean": sum(off_diag) / len(off_diag) if off_diag else None,
+        "r2_cross_mean": cross_mean,
         "fvu": {nm: float(1 - r2_mm[i, i]) for i, nm in enumerate(names)},
         "l0": {nm: float(acc.active_ms[i].sum() / n) for i, nm in enumerate(names)},
         "dead_fraction": {nm: float(metrics.dead_fraction(acc.active_ms[i])) for i, nm in enumerate(names)},
@@ -175,10 +149,10 @@ def _report(
         },
         "energy": {nm: energy_ms[i].tolist() for i, nm in enumerate(names)},
         "classes": {
-            "counts": classes,
+            "counts": {c: labels.count(c) for c in metrics.CLASSES},
             "labels": labels,
-            "rule": _RULE.format(**thresholds),
-            "thresholds": thresholds,
+            "rule": _RULE.format(**thresholds.to_dict()),
+            "thresholds": thresholds.to_dict(),
         },
     }
 
@@ -197,41 +171,32 @@ def _nan_to_none(v: Any) -> Any:
     return None if isinstance(v, float) and v != v else v
 
 
+@overload
+def evaluate(cfg: EvalConfig, /) -> list[dict[str, Any]]: ...
+@overload
 def evaluate(
-    run: str | Path | UniversalSAE,
-    store: str | Path | Store,
-    out: str | Path | None = None,
-    **kwargs: Any,
-) -> dict[str, Any]:
-    """Evaluate ``run`` (a run directory or a UniversalSAE) on ``store``; write report.json.
+    cfg: str | Path | UniversalSAE, store: str | Path | Store, /, out: str | Path | None = None, **overrides: Any
+) -> dict[str, Any]: ...
+def evaluate(cfg, store=None, /, out=None, **overrides):
+    """``usae evaluate RUN STORE [STORE ...]``: one report.json per store, then report.md + figures.
 
-    Report keys: r2_matrix ([src][dst] cross-reconstruction R² in raw units), r2_matrix_paper (the
-    same with SST around one global mean, as the paper's code computes it), r2_joint (per model,
-    decoding one code chosen from all models' summed pre-activations: the crosscoder's own
-    metric, a consensus code for the others), fvu, l0,
+    Returns the reports, one per store. Report keys: r2_matrix ([src][dst] cross-reconstruction R²
+    in raw units), r2_matrix_paper (the same with SST around one global mean, as the paper's code
+    computes it), r2_joint (per model, decoding one code chosen from all models' summed
+    pre-activations: the crosscoder's own metric, a consensus code for the others), fvu, l0,
     dead_fraction (per model), firing_entropy (per latent), cofiring, energy (per model, per latent),
-    classes. ``out`` defaults to RUN/report.json when ``run`` is a directory (no file otherwise).
+    classes. docs/report.md describes each.
+
+    ``evaluate(run, store, out=None, **overrides)``, a run (or an open UniversalSAE) and one store
+    instead of a config: ``evaluate_run``, the notebook form, which returns the one report.
     """
-    sae = load(run) if not isinstance(run, UniversalSAE) else run
-    store = store if isinstance(store, Store) else open_store(store)
-    if not isinstance(run, UniversalSAE):
-        kwargs.setdefault("trained_on", trained_store_hash(run))
-    report = evaluate_sae(sae, store, **kwargs)
-    if out is None and not isinstance(run, UniversalSAE):
-        out = Path(run) / "report.json"
-    if out is not None:
-        write_json_atomic(Path(out), report)
-        log.info("wrote %s", out)
-    return report
-
-
-def evaluate_cli(cfg: EvalConfig) -> list[dict[str, Any]]:
-    """``usae evaluate RUN STORE [STORE ...]``: one report.json per store, then report.md + figures."""
+    if not isinstance(cfg, EvalConfig):
+        return evaluate_run(cfg, store, out, **overrides)
     out_dir, json_paths = _report_paths(cfg)
     # Reports go into the run or a directory of their own, never into a store or other artifact.
     check_output(out_dir, ("", "usae-run"), reading=cfg.stores, replaces=False)
     device = resolve_device(cfg.device)
-    sae = load(cfg.run, device=device)
+    sae, _ = open_run_store(cfg.run, cfg.stores[0], str(device))
     require_memory(
         device,
         sae.cfg.batch_bytes(cfg.batch_size, training=False),
@@ -242,28 +207,40 @@ def evaluate_cli(cfg: EvalConfig) -> list[dict[str, Any]]:
         return _evaluate_into(cfg, sae, out_dir, json_paths)
 
 
+def evaluate_run(
+    run: str | Path | UniversalSAE, store: str | Path | Store, out: str | Path | None = None, **overrides: Any
+) -> dict[str, Any]:
+    """The report of ``run`` on one ``store``: ``evaluate(EvalConfig(run, (store,), out, **overrides))``
+    without report.md (``report=False``) or naming (``label=False``) unless ``overrides`` ask.
+
+    Writes ``out`` (default RUN/report.json). ``run`` may be an open UniversalSAE (``store`` an open
+    Store): then nothing is written unless ``out`` is given, and the report does not know the
+    training store. ``overrides``: any EvalConfig field (``batch_size=``, ``thresholds=``, ...).
+    """
+    store_path = store.path if isinstance(store, Store) else Path(store)
+    options = {"report": False, "label": False} | overrides
+    if not isinstance(run, UniversalSAE):
+        cfg = EvalConfig(run=Path(run), stores=(store_path,), out=None if out is None else Path(out), **options)
+        return evaluate(cfg)[0]
+    cfg = EvalConfig(run=Path(), stores=(store_path,), **options)  # an open SAE has no run directory
+    sae, store = open_run_store(run, store, cfg.device)
+    report = evaluate_sae(sae, store, cfg)
+    if out is not None:
+        write_json_atomic(Path(out), report)
+        log.info("wrote %s", out)
+    return report
+
+
 def _evaluate_into(cfg: EvalConfig, sae: UniversalSAE, out_dir: Path, json_paths: list[Path]) -> list[dict[str, Any]]:
     if cfg.report and cfg.label:
         _label_if_labelled(cfg)
+    trained_on = trained_store_hash(cfg.run)
     reports = []
-    for store, json_path in zip(cfg.stores, json_paths, strict=True):
-        reports.append(
-            evaluate(
-                sae,
-                store,
-                out=json_path,
-                batch_size=cfg.batch_size,
-                max_rows=cfg.max_rows,
-                tau=cfg.tau,
-                min_rate=cfg.min_rate,
-                universal_fe=cfg.universal_fe,
-                min_count=cfg.min_count,
-                min_share=cfg.min_share,
-                universal_cofire=cfg.universal_cofire,
-                trained_on=trained_store_hash(cfg.run),
-                progress=cfg.progress,
-            )
-        )
+    for store_path, json_path in zip(cfg.stores, json_paths, strict=True):
+        _, store = open_run_store(sae, store_path, cfg.device)
+        reports.append(evaluate_sae(sae, store, cfg, trained_on=trained_on))
+        write_json_atomic(json_path, reports[-1])
+        log.info("wrote %s", json_path)
     if cfg.report:
         from usae.evaluation.report.markdown import write_report  # matplotlib only when rendering
 
@@ -283,7 +260,11 @@ def _label_if_labelled(cfg: EvalConfig) -> None:
     path = Path(cfg.run) / LABELS_JSON
     if path.is_file() and (read_json(path, "concept labels").get("store") or {}).get("hash") == store.hash:
         return
-    log.info("naming the concepts on %s (it records labels)", store.path)
+    n_images = len(store.image_ids) if store.image_ids is not None else store.n_rows
+    log.info(
+        "naming the concepts first (usae label %s %s: %d images, as it records labels); pass --no-label to skip",
+        cfg.run, store.path, n_images,
+    )  # fmt: skip
     label(LabelConfig(run=cfg.run, store=store.path, device=cfg.device, progress=cfg.progress))
 
 
@@ -338,16 +319,13 @@ def format_summary(report: dict) -> str:
         lines.append(n.ljust(width) + f"{fvu:{width}.3f}{l0:{width}.1f}{dead:{width}.1f}")
     counts = report["classes"]["counts"]
     lines.append("")
-    lines.append(
-        "concepts: "
-        + ", ".join(f"{c} {counts[c]}" for c in ("universal", "partial", "specific", "rare", "dead") if c in counts)
-    )
+    lines.append("concepts: " + ", ".join(f"{c} {counts[c]}" for c in metrics.CLASSES if c in counts))
     return "\n".join(lines)
 
 
 def evaluate_command(cfg: EvalConfig) -> str:
     """``usae evaluate``: write the reports; what the command prints."""
-    reports = evaluate_cli(cfg)
+    reports = evaluate(cfg)
     parts = []
     for report in reports:
         if len(reports) > 1:

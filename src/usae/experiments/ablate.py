@@ -20,11 +20,12 @@ import jinja2
 
 from usae._io import check_output, read_json, write_json_atomic, write_text_atomic
 from usae.config import AblateConfig, TrainConfig, to_json_dict
+from usae.config.train import DataConfig
 from usae.data.store import held_out_path, open_store
 from usae.errors import UsaeError
 from usae.evaluation.evaluate import evaluate
 from usae.run import finished_run
-from usae.training.fit import DATA_FIELDS, FitResult, fit_many
+from usae.training.fit import FitResult, fit_many
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,7 @@ def _tokens_per_s(result: FitResult, batch_size: int) -> float | None:
 
 
 def train_points(points: list[TrainConfig], max_eval_rows: int | None) -> list[dict[str, Any]]:
-    """Train the points (all sharing DATA_FIELDS) in one pass over their store, then evaluate each on
+    """Train the points (all with the same ``data`` group) in one pass over their store, then evaluate each on
     it and on its held-out store (``usae extract --val-fraction``) when there is one.
 
     ``tokens_per_s`` of each point is timed on its own steps (``FitResult.step_seconds``).
@@ -171,14 +172,14 @@ def ablate(cfg: AblateConfig) -> list[dict[str, Any]]:
     check_output(cfg.out, "", reading=tuple(cfg.stores), replaces=False)
     points = grid(cfg)
     rows: dict[Path, dict[str, Any]] = {}
-    todo: dict[tuple, list[TrainConfig]] = {}
+    todo: dict[DataConfig, list[TrainConfig]] = {}
     for point in points:
         done = _finished(point)
         if done is not None:
             log.info("reusing %s", point.out)
             rows[point.out] = done
         else:
-            todo.setdefault(tuple(getattr(point, f) for f in DATA_FIELDS), []).append(point)
+            todo.setdefault(point.data, []).append(point)  # the rows each step reads: one pass per group
     for group in todo.values():
         for point, row in zip(group, train_points(group, cfg.max_eval_rows), strict=True):
             rows[point.out] = row

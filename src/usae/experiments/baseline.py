@@ -13,7 +13,7 @@ from typing import Any
 
 from usae._io import write_json_atomic
 from usae.config import BaselineConfig
-from usae.data.store import held_out_path, open_store
+from usae.data.store import held_out_path
 from usae.device import resolve_device
 from usae.errors import UsaeError
 from usae.evaluation.baselines import (
@@ -25,9 +25,17 @@ from usae.evaluation.baselines import (
 )
 from usae.evaluation.baselines.matching import matching_section
 from usae.model.sae import UniversalSAE
-from usae.run import BASELINES_DIR, MODEL_NAME, RESULT_FREE_FIELDS, differing_field, load, read_run_config
+from usae.run import (
+    BASELINES_DIR,
+    MODEL_NAME,
+    RESULT_FREE_FIELDS,
+    differing_field,
+    load,
+    load_train_config,
+    open_run_store,
+    read_run_config,
+)
 from usae.training.fit import fit
-from usae.training.run_dir import load_train_config
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +55,7 @@ def train_independent(
     """
     run_dir = Path(run_dir)
     train = load_train_config(run_dir)
-    # the SAE widths, not train.models: config._coerce truncates tuples of 3+ models to 2 (reported)
+    # the run's models are its SAE's widths, in order (train.models may be empty: all of the store's)
     names = list(read_run_config(run_dir)["sae"]["widths"])
     saes = {}
     for name in names:
@@ -86,77 +94,66 @@ def _recovery(sae: UniversalSAE, indep: dict[str, UniversalSAE], matchings: dict
     }
 
 
-def run_baselines(
-    run_dir: str | Path,
-    store_dir: str | Path,
-    *,
-    max_rows: int | None = None,
-    batch_size: int = 8192,
-    similarity_rows: int = 2048,
-    knn_k: int = 10,
-    match_threshold: float = 0.5,
-    cosine_threshold: float = 0.5,
-    truth: str | Path | None = None,
-    retrain: bool = False,
-    seed: int = 0,
-    device: str = "auto",
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Train (or reuse) independent SAEs under RUN/baselines/, compare, write RUN/baselines.json.
+def baseline(cfg: BaselineConfig) -> dict[str, Any]:
+    """``usae baseline RUN STORE``: train (or reuse) independent SAEs under RUN/baselines/, compare,
+    write RUN/baselines.json; return it.
 
     Keys: ``matching`` (per model pair: independent SAEs matched by activation correlation +
     Hungarian, vs the USAE's same-index correlation), ``dictionary_agreement`` (per model, the
     paper's cosine > 0.5 comparison with a random baseline), ``similarity`` (CKA and mutual k-NN,
-    (m, m) per representation), ``recovery`` (only with ``truth``). The independent SAEs train on
-    ``store_dir``; matching and similarity are measured on its held-out store when it has one
+    (m, m) per representation), ``recovery`` (only with ``cfg.truth``). The independent SAEs train
+    on ``cfg.store``; matching and similarity are measured on its held-out store when it has one
     (``usae extract --val-fraction``), else on it. See docs/report.md.
     """
-    run_dir, store = Path(run_dir), open_store(store_dir)
-    sae = load(run_dir, device=resolve_device(device))
+    run_dir = Path(cfg.run)
+    sae, store = open_run_store(run_dir, cfg.store, cfg.device)
     names = sae.model_names
     if len(names) < 2:
         raise UsaeError(f"{run_dir}: baselines compare models; this run has one ({names})")
-    train = read_run_config(run_dir)["train"]
-    if read_run_config(run_dir).get("store", {}).get("hash") not in (None, store.hash):
+    run_config = read_run_config(run_dir)
+    if run_config.get("store", {}).get("hash") not in (None, store.hash):
         log.warning("%s is not the store %s was trained on; the independent SAEs train on it", store.path, run_dir)
-    indep = train_independent(run_dir, store.path, retrain=retrain, device=device, progress=progress)
+    indep = train_independent(run_dir, store.path, retrain=cfg.retrain, device=cfg.device, progress=cfg.progress)
     # Match and compare on images neither dictionary saw when the store has a held-out part.
     held = held_out_path(store)
-    store = open_store(held) if held is not None else store
-    stop = store.n_rows if max_rows is None else min(max_rows, store.n_rows)
-    corr, same = stream_correlations(sae, indep, store, stop=stop, batch_size=batch_size, progress=progress)
+    if held is not None:
+        _, store = open_run_store(sae, held, cfg.device)
+    stop = store.n_rows if cfg.max_rows is None else min(cfg.max_rows, store.n_rows)
+    corr, same = stream_correlations(sae, indep, store, stop=stop, batch_size=cfg.batch_size, progress=cfg.progress)
     matchings = {p: match_latents(c) for p, c in corr.items()}
+    train = run_config["train"]
     result: dict[str, Any] = {
         "baselines_version": BASELINES_VERSION,
         "run": str(run_dir),
         "store": {"path": str(store.path), "hash": store.hash, "held_out": held is not None},
-        "trained_on": str(Path(store_dir)),
+        "trained_on": str(Path(cfg.store)),
         "model_names": names,
         "n_rows": stop,
         "independent": {
             "dir": str(run_dir / BASELINES_DIR),
             **{key: train[key] for key in ("n_latents", "k", "steps", "batch_size", "seed")},
         },
-        "matching": matching_section(names, matchings, same, match_threshold),
+        "matching": matching_section(names, matchings, same, cfg.match_threshold),
         "dictionary_agreement": {
-            n: dictionary_agreement(sae.dictionary(n).cpu(), indep[n].dictionary(n).cpu(), cosine_threshold, seed)
+            n: dictionary_agreement(
+                sae.dictionary(n).cpu(), indep[n].dictionary(n).cpu(), cfg.cosine_threshold, cfg.seed
+            )
             for n in names
         },
         "similarity": representation_similarity(
-            sae, indep, store, stop=stop, n_rows=similarity_rows, knn_k=knn_k, seed=seed
+            sae, indep, store, stop=stop, n_rows=cfg.similarity_rows, knn_k=cfg.knn_k, seed=cfg.seed
         ),
     }
-    if truth is not None:
-        result["recovery"] = _recovery(sae, indep, matchings, Path(truth))
+    if cfg.truth is not None:
+        result["recovery"] = _recovery(sae, indep, matchings, Path(cfg.truth))
     write_json_atomic(run_dir / BASELINES_JSON, result)
     log.info("wrote %s", run_dir / BASELINES_JSON)
     return result
 
 
-def baseline_cli(cfg: BaselineConfig) -> dict[str, Any]:
-    """``usae baseline RUN STORE``: ``run_baselines`` with the config's settings."""
-    kwargs = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in ("run", "store")}
-    return run_baselines(cfg.run, cfg.store, **kwargs)
+def run_baselines(run_dir: str | Path, store_dir: str | Path, **overrides: Any) -> dict[str, Any]:
+    """The notebook form of ``baseline``: ``baseline(BaselineConfig(run_dir, store_dir, **overrides))``."""
+    return baseline(BaselineConfig(run=Path(run_dir), store=Path(store_dir), **overrides))
 
 
 def format_baselines(result: dict) -> str:
@@ -180,4 +177,4 @@ def format_baselines(result: dict) -> str:
 
 def baseline_command(cfg: BaselineConfig) -> str:
     """``usae baseline``: what the command prints."""
-    return format_baselines(baseline_cli(cfg))
+    return format_baselines(baseline(cfg))

@@ -1,6 +1,6 @@
 """The concept explorer: top images with token heatmaps for every concept, as a static site.
 
-``explore(run, store, out)`` writes OUT/ (opens from disk or any static web server; no CDN)::
+``usae explore RUN STORE --out OUT`` (``explorer.site.explore``) writes OUT/ (opens from disk or any static web server; no CDN)::
 
     index.html            concept table (sortable, filterable) + the report's R² matrix and histograms
     concepts/<k>.html     one concept: per model side by side, its top-N images with heatmap overlays
@@ -280,6 +280,3 @@ def heatmap(
     heat_hw = codes[name][0, :, k].cpu().numpy().reshape(layout.grid)
     view = load_view(store, j)
     return Heatmap(heat_hw, view, overlay(view, heat_hw, vmax))
-
-
-# -- the site ------------------------------------------------------------------------------------

@@ -27,101 +27,37 @@ concept's largest code over its tokens, the explorer's image score) against the 
 image's (the largest code over all the store's tokens, one streaming pass): a ratio above 1 is a
 superstimulus. And *transfer*: the image optimised for model i measured in every model j.
 
-Results go to ``OUT/concept-<k>/``: ``model-<i>.png`` per model, ``panel.png`` (side by side) and
-``maximize.json`` (activations before and after, scores, best natural images, transfer matrix,
-settings; :func:`read_maximization` reads old and new files alike); the explorer shows them on the
-concept's page.
+``maximize(cfg)`` is ``usae maximize``: it writes each concept's result to ``OUT/concept-<k>/``
+(``usae.explorer.maximize_result``), where the explorer shows it on the concept's page.
+``maximize(run, concept, ...)`` (``maximize_concept``) is the notebook's way: it builds the same
+``MaximizeConfig`` for one concept and returns the result without writing.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple, overload
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from torch import Tensor, nn
 
-from usae._io import check_output, read_json, write_json_atomic
+from usae._io import check_output
 from usae.config import MaximizeConfig
 from usae.data.store import Store, open_store
 from usae.errors import UsaeError
-from usae.explorer.concepts import scan_top_images, writing
+from usae.explorer.concepts import scan_top_images
 from usae.explorer.maco import FourierImage, LatentObjective, random_crops, to_image
-from usae.explorer.spectrum import MAX_IMAGES, data_spectrum
+from usae.explorer.maximize_result import MaximizeResult, NaturalBest, write_maximization
+from usae.explorer.spectrum import data_spectrum
 from usae.model.sae import UniversalSAE
-from usae.run import load, trained_store_dir
+from usae.run import load, maximize_dir, open_run_store, trained_store_dir
 
 log = logging.getLogger(__name__)
-
-RESULT_NAME = "maximize.json"
-concept_dir_re = re.compile(r"concept-(\d+)")
-Spectrum = Literal["data", "1/f"]
-SPECTRA = ("data", "1/f")
-
-
-def concept_dir(root: str | Path, concept: int) -> Path:
-    """Where the maximisation of ``concept`` is written under ``root``."""
-    return Path(root) / f"concept-{int(concept)}"
-
-
-class NaturalBest(NamedTuple):
-    """The store image where a concept fires most in one model."""
-
-    score: float
-    """The concept's largest code over the store's tokens of this model (0: it never fires)."""
-    image_index: int
-    """Store image index (-1 when the concept never fires)."""
-    image_id: str | None
-
-
-class MaximizeResult(NamedTuple):
-    """What ``maximize`` returns (one entry per model, in run order)."""
-
-    concept: int
-    images: dict[str, Image.Image]
-    """The optimised canonical view per model (RGB, size x size)."""
-    activation: dict[str, float]
-    """How strongly the concept fires on the final image: max(pre-activation, 0) averaged over tokens."""
-    start_activation: dict[str, float]
-    """The same on the starting image (random phase, the same image for every model)."""
-    objective: dict[str, float]
-    """The optimised objective on the final image: the pre-activation averaged over tokens."""
-    start_objective: dict[str, float]
-    settings: dict[str, Any]
-    score: dict[str, float] | None = None
-    """The concept's largest code over the final image's tokens (the explorer's image score)."""
-    natural: dict[str, NaturalBest] | None = None
-    """Per model, the store image where the concept fires most (None: not compared)."""
-    transfer: dict[str, dict[str, float]] | None = None
-    """``transfer[i][j]``: score of the image optimised for model i, measured in model j."""
-    transfer_activation: dict[str, dict[str, float]] | None = None
-    """The same for ``activation`` (mean of max(pre-activation, 0) over tokens)."""
-
-    def superstimulus(self) -> dict[str, float | None]:
-        """Per model: score of its optimised image / score of the best natural image (> 1: a
-        superstimulus); None where not compared or the concept never fires on the store."""
-        out: dict[str, float | None] = {}
-        for name in self.images:
-            best = (self.natural or {}).get(name)
-            out[name] = self.score[name] / best.score if self.score and best and best.score > 0 else None
-        return out
-
-    def transfer_ratio(self) -> dict[str, dict[str, float | None]] | None:
-        """``transfer`` divided by the measuring model's best natural score (the diagonal is
-        ``superstimulus``); None when not compared."""
-        if self.transfer is None or not self.natural:
-            return None
-        return {
-            i: {j: (v / self.natural[j].score if j in self.natural and self.natural[j].score > 0 else None)
-                for j, v in row.items()}
-            for i, row in self.transfer.items()
-        }  # fmt: skip
 
 
 def run_store(run: str | Path, store: str | Path | Store | None) -> Store:
@@ -181,134 +117,139 @@ def _can_compare(sae: UniversalSAE, store: Store) -> bool:
     if store.image_ids is None or store.tokens_per_image is None:
         log.info("store %s records no image layout: no comparison with natural images", store.path)
         return False
-    missing = [n for n in sae.model_names if store.widths.get(n) != sae.cfg.widths[n]]
-    if missing:
-        log.warning(
-            "store %s lacks models %s at the run's widths: no comparison with natural images", store.path, missing
-        )
+    try:
+        open_run_store(sae, store, "cpu")  # the one "are the run's models in this store" check
+    except UsaeError as e:
+        log.warning("%s: no comparison with natural images", e)
         return False
     return True
 
 
-def maximize(
+class _Setup(NamedTuple):
+    """What every concept of one maximisation shares: the run, the store, the backbones and the spectrum."""
+
+    sae: UniversalSAE
+    store: Store
+    names: list[str]
+    """The models rendered through (``--models``, default all the run's), in that order."""
+    backbones: dict[str, nn.Module]
+    size: int
+    magnitude: Tensor | None
+    """MACO's fixed magnitude spectrum (None: 1/f) and the colour basis it goes with."""
+    colour: Tensor | None
+    settings: dict[str, Any]
+    """What maximize.json records of the settings (resolved size and spectrum included)."""
+
+
+def _prepare(cfg: MaximizeConfig, store: Store | None = None) -> _Setup:
+    """Load the run, its (or ``store``'s) backbones and the spectrum; check every ``cfg.concept``."""
+    from usae.device import resolve_device
+
+    dev = resolve_device(cfg.device)
+    sae = load(cfg.run, device=dev)
+    for k in cfg.concept:
+        if not 0 <= int(k) < sae.n_latents:
+            raise UsaeError(f"--concept {k} outside [0, {sae.n_latents})")
+    names = list(cfg.models) if cfg.models else sae.model_names
+    for name in names:
+        sae.head(name)  # unknown model -> UsaeError naming the run's models
+    store = run_store(cfg.run, cfg.store) if store is None else store
+    if store.grid is None:
+        raise UsaeError(f"{store.path / 'metadata.json'}: no token grid; make the store with `usae extract`")
+    backbones = load_backbones(store, names, dev)
+    size = int(cfg.size or store.extra.get("view_size") or max(b.input_size for b in backbones.values()))
+    settings = {"steps": cfg.steps, "size": size, "n_crops": cfg.n_crops, "crop_scale": list(cfg.crop_scale)}
+    settings |= {"noise": cfg.noise, "lr": cfg.lr, "seed": cfg.seed, "objective": "mean pre-activation over tokens"}
+    magnitude = colour = None
+    spectrum = cfg.spectrum or ("data" if has_images(store) else "1/f")
+    if spectrum == "data":
+        if not has_images(store):
+            raise UsaeError(f"{store.path / 'metadata.json'}: no image source (extra.images); use spectrum '1/f'")
+        data = data_spectrum(store, size, maximize_dir(cfg.run), cfg.spectrum_images, progress=cfg.progress)
+        magnitude, colour = data.magnitude, data.colour
+        settings |= {"spectrum_images": data.images, "colour_basis": data.colour.T.tolist()}
+    settings["magnitude"] = spectrum
+    return _Setup(sae, store, names, backbones, size, magnitude, colour, settings)
+
+
+def maximize_concept(
     run: str | Path,
     concept: int,
     models: list[str] | tuple[str, ...] | None = None,
     *,
     store: str | Path | Store | None = None,
-    steps: int = 256,
-    size: int | None = None,
-    n_crops: int = 6,
-    crop_scale: tuple[float, float] = (0.8, 1.0),
-    noise: float = 0.05,
-    lr: float = 1.0,
-    seed: int = 0,
-    spectrum: Spectrum | None = None,
-    spectrum_images: int = MAX_IMAGES,
-    compare: bool = True,
     natural: Mapping[str, NaturalBest] | None = None,
-    device: str = "auto",
-    progress: bool = True,
+    **settings: Any,
 ) -> MaximizeResult:
-    """Optimise one image per model (default: all the run's models) to excite ``concept``.
+    """Optimise one image per model (default: all the run's models) to excite ``concept``; writes nothing.
 
-    ``size``: side of the optimised canonical view (default: the store's view size). ``store``:
-    where the backbone specs, token grid and images are read (default: the run's store).
-    ``spectrum``: MACO's fixed magnitude, ``"data"`` (the mean spectrum of at most
-    ``spectrum_images`` of the store's images, cached in RUN/maximize) or ``"1/f"``; default
-    ``"data"`` when the store records its images, else ``"1/f"``. ``compare``: also find the best
-    natural image per model (one pass over the store; or pass ``natural``, from
-    :func:`natural_best`) and measure every image in every model (``transfer``).
+    ``settings`` are the fields of :class:`usae.config.MaximizeConfig` (``steps``, ``size``,
+    ``n_crops``, ``crop_scale``, ``noise``, ``lr``, ``seed``, ``spectrum``, ``spectrum_images``,
+    ``compare``, ``device``, ``progress``), with its defaults: this builds that config. ``store``: a
+    path or an open Store (default: the run's store). ``natural``: the best natural images per model
+    (from :func:`natural_best`), to skip the pass over the store that ``compare`` makes.
     """
-    from usae.device import resolve_device
+    opened = store if isinstance(store, Store) else None
+    where = opened.path if opened is not None else (Path(store) if store is not None else None)
+    cfg = MaximizeConfig(
+        run=Path(run), concept=(int(concept),), models=tuple(models) if models else None, store=where, **settings
+    )
+    setup = _prepare(cfg, opened)
+    if cfg.compare and natural is None and _can_compare(setup.sae, setup.store):
+        natural = natural_best(setup.sae, setup.store, [int(concept)], progress=cfg.progress)[int(concept)]
+    return _render(cfg, setup, int(concept), natural)
 
-    if spectrum not in (None, *SPECTRA):
-        raise UsaeError(f"spectrum {spectrum!r}: choose one of {', '.join(SPECTRA)}")
-    dev = resolve_device(device)
-    sae = load(run, device=dev)
-    if not 0 <= int(concept) < sae.n_latents:
-        raise UsaeError(f"--concept {concept} outside [0, {sae.n_latents})")
-    names = list(models) if models else sae.model_names
-    for name in names:
-        sae.head(name)  # unknown model -> UsaeError naming the run's models
-    store = run_store(run, store)
-    if store.grid is None:
-        raise UsaeError(f"{store.path / 'metadata.json'}: no token grid; make the store with `usae extract`")
-    backbones = load_backbones(store, names, dev)
-    size = int(size or store.extra.get("view_size") or max(b.input_size for b in backbones.values()))
-    settings = {"steps": steps, "size": size, "n_crops": n_crops, "crop_scale": list(crop_scale), "noise": noise}
-    settings |= {"lr": lr, "seed": seed, "objective": "mean pre-activation over tokens"}
-    magnitude = colour = None
-    spectrum = spectrum or ("data" if has_images(store) else "1/f")
-    if spectrum == "data":
-        if not has_images(store):
-            raise UsaeError(f"{store.path / 'metadata.json'}: no image source (extra.images); use spectrum '1/f'")
-        data = data_spectrum(store, size, Path(run) / "maximize", spectrum_images, progress=progress)
-        magnitude, colour = data.magnitude, data.colour
-        settings |= {"spectrum_images": data.images, "colour_basis": data.colour.T.tolist()}
-    settings["magnitude"] = spectrum
-    if compare and natural is None and _can_compare(sae, store):
-        natural = natural_best(sae, store, [int(concept)], progress=progress)[int(concept)]
+
+def _render(
+    cfg: MaximizeConfig, setup: _Setup, concept: int, natural: Mapping[str, NaturalBest] | None
+) -> MaximizeResult:
+    """Optimise ``concept``'s image for each model; with ``cfg.compare``, measure every image in every model."""
+    sae, grid = setup.sae, setup.store.grid
     images, finals, act, start_act, obj, start_obj = {}, {}, {}, {}, {}, {}
     started = time.perf_counter()
-    for name in names:
-        objective = LatentObjective(sae, backbones[name], name, store.grid, int(concept))
-        final_13ss, start_t, final_t = _optimize(
-            objective, size, steps, n_crops, crop_scale, noise, lr, seed, magnitude, colour, progress
-        )
+    for name in setup.names:
+        objective = LatentObjective(sae, setup.backbones[name], name, grid, concept)
+        final_13ss, start_t, final_t = _optimize(objective, cfg, setup)
         images[name], finals[name] = to_image(final_13ss), final_13ss
         act[name], start_act[name] = float(final_t.clamp_min(0).mean()), float(start_t.clamp_min(0).mean())
         obj[name], start_obj[name] = float(final_t.mean()), float(start_t.mean())
         log.info("concept %d, model %s: activation %.3g -> %.3g", concept, name, start_act[name], act[name])
-    settings["seconds"] = round(time.perf_counter() - started, 2)
-    result = MaximizeResult(int(concept), images, act, start_act, obj, start_obj, settings)
-    if not compare:
+    settings = {**setup.settings, "seconds": round(time.perf_counter() - started, 2)}
+    result = MaximizeResult(concept, images, act, start_act, obj, start_obj, settings)
+    if not cfg.compare:
         return result
     # every optimised image through every model: its score (largest code) and mean activation
-    score_ij: dict[str, dict[str, float]] = {i: {} for i in names}
-    act_ij: dict[str, dict[str, float]] = {i: {} for i in names}
-    for j in names:
-        objective = LatentObjective(sae, backbones[j], j, store.grid, int(concept))
-        for i in names:
+    score_ij: dict[str, dict[str, float]] = {i: {} for i in setup.names}
+    act_ij: dict[str, dict[str, float]] = {i: {} for i in setup.names}
+    for j in setup.names:
+        objective = LatentObjective(sae, setup.backbones[j], j, grid, concept)
+        for i in setup.names:
             pre_t, code_t = (v[0].cpu() for v in objective.token_codes(finals[i]))
             score_ij[i][j], act_ij[i][j] = float(code_t.max()), float(pre_t.clamp_min(0).mean())
-    kept = {n: natural[n] for n in names if n in natural} if natural is not None else None
-    result = result._replace(
-        score={n: score_ij[n][n] for n in names}, natural=kept, transfer=score_ij, transfer_activation=act_ij
-    )
+    kept = {n: natural[n] for n in setup.names if n in natural} if natural is not None else None
+    score = {n: score_ij[n][n] for n in setup.names}
+    result = result._replace(score=score, natural=kept, transfer=score_ij, transfer_activation=act_ij)
     for name, ratio in result.superstimulus().items():
         if ratio is not None:
             log.info("concept %d, model %s: %.3g x the best natural image's score", concept, name, ratio)
     return result
 
 
-def _optimize(
-    objective: LatentObjective,
-    size: int,
-    steps: int,
-    n_crops: int,
-    crop_scale,
-    noise: float,
-    lr: float,
-    seed: int,
-    magnitude: Tensor | None,
-    colour: Tensor | None,
-    progress: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
+def _optimize(objective: LatentObjective, cfg: MaximizeConfig, setup: _Setup) -> tuple[Tensor, Tensor, Tensor]:
     """The optimised (1, 3, S, S) pixels and the latent's (t,) token pre-activations on the start
     and final images."""
     from tqdm.auto import tqdm
 
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
     device = next(objective.sae.parameters()).device
-    param = FourierImage(size, gen, magnitude=magnitude, colour=colour).to(device)
-    opt = torch.optim.NAdam(param.parameters(), lr=lr)
+    param = FourierImage(setup.size, gen, magnitude=setup.magnitude, colour=setup.colour).to(device)
+    opt = torch.optim.NAdam(param.parameters(), lr=cfg.lr)
     with torch.no_grad():
         start_t = objective.token_values(param())[0].cpu()
-    bar = tqdm(range(steps), desc=f"maximize {objective.name}", unit="step", disable=not progress)
+    bar = tqdm(range(cfg.steps), desc=f"maximize {objective.name}", unit="step", disable=not cfg.progress)
     for _ in bar:
-        crops = random_crops(param(), n_crops, crop_scale, gen)
-        crops = crops + noise * torch.randn(crops.shape, generator=gen).to(crops)
+        crops = random_crops(param(), cfg.n_crops, cfg.crop_scale, gen)
+        crops = crops + cfg.noise * torch.randn(crops.shape, generator=gen).to(crops)
         loss = -objective(crops).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -320,116 +261,42 @@ def _optimize(
     return final_13ss.detach(), start_t, final_t
 
 
-def panel(images: dict[str, Image.Image], captions: dict[str, str]) -> Image.Image:
-    """The images side by side, each with its caption (one or more lines) underneath."""
-    size = max(img.width for img in images.values())
-    n_lines = 1 + max((len(c.splitlines()) for c in captions.values()), default=0)
-    pad, text_h = 6, 4 + 12 * n_lines
-    out = Image.new("RGB", (len(images) * (size + pad) + pad, size + text_h + 2 * pad), "white")
-    draw, font = ImageDraw.Draw(out), ImageFont.load_default()
-    for i, (name, img) in enumerate(images.items()):
-        x = pad + i * (size + pad)
-        out.paste(img.resize((size, size)), (x, pad))
-        for line_no, line in enumerate([name, *captions.get(name, "").splitlines()]):
-            draw.text((x, size + pad + 2 + 12 * line_no), line, fill="black", font=font)
-    return out
+@overload
+def maximize(cfg: MaximizeConfig, /) -> list[Path]: ...
+@overload
+def maximize(
+    cfg: str | Path,
+    /,
+    concept: int,
+    models: list[str] | tuple[str, ...] | None = None,
+    *,
+    store: str | Path | Store | None = None,
+    natural: Mapping[str, NaturalBest] | None = None,
+    **settings: Any,
+) -> MaximizeResult: ...
+def maximize(cfg, /, concept=None, models=None, **options):
+    """``usae maximize RUN --concept K [K ...]``: write each concept's images under --out (default
+    RUN/maximize); returns the ``concept-<k>`` directories.
 
+    The run and the backbones are loaded once, and the best natural images of all the concepts are
+    found in one pass over the store.
 
-def _natural_json(best: NaturalBest | None) -> dict[str, Any] | None:
-    return None if best is None else {"score": best.score, "image_index": best.image_index, "image_id": best.image_id}
-
-
-def result_json(result: MaximizeResult) -> dict[str, Any]:
-    """The ``maximize.json`` object of a result (``png`` names: ``model-<i>.png`` in run order)."""
-    ratio = result.superstimulus()
-    models = {}
-    for i, name in enumerate(result.images):
-        models[name] = {
-            "png": f"model-{i}.png",  # model names may hold characters a file name should not
-            "activation": result.activation[name],
-            "start_activation": result.start_activation[name],
-            "objective": result.objective[name],
-            "start_objective": result.start_objective[name],
-            "score": result.score[name] if result.score else None,
-            "natural": _natural_json((result.natural or {}).get(name)),
-            "superstimulus": ratio[name],
-        }
-    transfer = None
-    if result.transfer is not None:
-        names = list(result.images)
-        ratios = result.transfer_ratio()
-        transfer = {
-            "models": names,
-            "score": [[result.transfer[i][j] for j in names] for i in names],
-            "activation": [[result.transfer_activation[i][j] for j in names] for i in names],
-            "ratio": [[ratios[i][j] for j in names] for i in names] if ratios else None,
-        }
-    return {"concept": result.concept, "models": models, "transfer": transfer, **result.settings}
-
-
-def write_maximization(result: MaximizeResult, out_root: str | Path, concept: int | None = None) -> Path:
-    """``OUT/concept-<k>/``: one PNG per model, panel.png and maximize.json; returns the directory."""
-    out = concept_dir(out_root, result.concept if concept is None else concept)
-    with writing(out):
-        out.mkdir(parents=True, exist_ok=True)
-    data = result_json(result)
-    for name, img in result.images.items():
-        with writing(out / data["models"][name]["png"]) as path:
-            img.save(path)
-    captions = {}
-    for name, entry in data["models"].items():
-        lines = [f"{entry['start_activation']:.3g} -> {entry['activation']:.3g}"]
-        if entry["superstimulus"] is not None:
-            lines.append(f"{entry['superstimulus']:.2g}x best photo")
-        captions[name] = "\n".join(lines)
-    with writing(out / "panel.png") as path:
-        panel(result.images, captions).save(path)
-    write_json_atomic(out / RESULT_NAME, data)
-    return out
-
-
-def read_maximization(path: str | Path) -> dict[str, Any]:
-    """A ``maximize.json`` (or its ``concept-<k>`` directory), older files included: fields added
-    since (per model ``score``, ``natural``, ``superstimulus``; ``transfer``) are None when absent,
-    and ``magnitude`` is ``"1/f"`` (the only spectrum before the data spectrum)."""
-    path = Path(path)
-    data = read_json(path / RESULT_NAME if path.is_dir() else path, "maximisation result")
-    if not isinstance(data, dict) or not isinstance(data.get("models"), dict):
-        raise UsaeError(f"{path}: not a maximisation result (no 'models' object)")
-    data.setdefault("transfer", None)
-    data.setdefault("magnitude", "1/f")
-    for entry in data["models"].values():
-        for key in ("score", "natural", "superstimulus"):
-            entry.setdefault(key, None)
-    return data
-
-
-def maximize_cli(cfg: MaximizeConfig) -> list[Path]:
-    """``usae maximize RUN --concept K [K ...]``: write each concept's images under --out (default RUN/maximize).
-
-    The best natural images of all the concepts are found in one pass over the store.
+    ``maximize(run, concept, models, store=..., natural=..., **settings)``, a run and one concept
+    instead of a config: :func:`maximize_concept`, the notebook form, which returns the result and
+    writes nothing.
     """
-    from usae.device import resolve_device
-
+    if not isinstance(cfg, MaximizeConfig):
+        return maximize_concept(cfg, concept, models, **options)
     out_root = check_output(
-        cfg.out or Path(cfg.run) / "maximize", "", reading=(cfg.store,) if cfg.store else (), replaces=False
+        cfg.out or maximize_dir(cfg.run), "", reading=(cfg.store,) if cfg.store else (), replaces=False
     )
-    compare = cfg.compare
+    setup = _prepare(cfg)
     natural: dict[int, dict[str, NaturalBest]] = {}
-    if compare:
-        sae = load(cfg.run, device=resolve_device(cfg.device))
-        store = run_store(cfg.run, cfg.store)
-        if _can_compare(sae, store):
-            natural = natural_best(sae, store, cfg.concept, progress=cfg.progress)
-        del sae
+    if cfg.compare and _can_compare(setup.sae, setup.store):
+        natural = natural_best(setup.sae, setup.store, cfg.concept, progress=cfg.progress)
     written = []
     for k in cfg.concept:
-        result = maximize(
-            cfg.run, k, cfg.models, store=cfg.store, steps=cfg.steps, size=cfg.size, n_crops=cfg.n_crops,
-            lr=cfg.lr, seed=cfg.seed, spectrum=cfg.spectrum,
-            spectrum_images=cfg.spectrum_images, compare=compare,
-            natural=natural.get(int(k), {}) if compare else None, device=cfg.device, progress=cfg.progress,
-        )  # fmt: skip
+        result = _render(cfg, setup, int(k), natural.get(int(k), {}) if cfg.compare else None)
         written.append(write_maximization(result, out_root))
     return written
 
@@ -444,4 +311,4 @@ def token_values_of(objective: LatentObjective, image: Image.Image | np.ndarray)
 
 def maximize_command(cfg: MaximizeConfig) -> str:
     """``usae maximize``: what the command prints."""
-    return "\n".join(f"maximisation: {out / 'panel.png'}" for out in maximize_cli(cfg))
+    return "\n".join(f"maximisation: {out / 'panel.png'}" for out in maximize(cfg))

@@ -1,6 +1,10 @@
 """The concept explorer's pages: Jinja2 templates (``explorer/templates``, autoescaped) filled from
-the report, the streamed top images and their token maps, and the concept labels (labels.py).
+the report, the streamed top images and their token maps, and the concept labels (label_pages.py).
 See ``usae.explorer.concepts`` for the image layout.
+
+``explore(cfg)`` is ``usae explore``. It reads a report of ``usae evaluate`` from the run
+(``usae.run.find_report``) and the maximisations under RUN/maximize; it runs either stage itself
+only when it must (no report) or is asked to (``--maximize-top``), and says so in one log line.
 """
 
 from __future__ import annotations
@@ -11,8 +15,9 @@ import os
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import jinja2
 import numpy as np
@@ -21,8 +26,8 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from usae._io import check_output, output_dir, read_json, save_figure
-from usae.config import ExploreConfig
+from usae._io import check_output, output_dir, save_figure
+from usae.config import ExploreConfig, MaximizeConfig
 from usae.data.store import Store
 from usae.errors import UsaeError
 from usae.evaluation import classes as concept_classes
@@ -56,11 +61,27 @@ from usae.explorer.label_pages import (
     read_concept_labels,
     same_store,
 )
-from usae.explorer.maximize import RESULT_NAME, concept_dir_re, maximize, write_maximization
+from usae.explorer.maximize import maximize
+from usae.explorer.maximize_result import copy_maximizations
+from usae.extraction.images import ImageLayout
 from usae.model.sae import UniversalSAE
-from usae.run import open_run_store, run_reports
+from usae.run import find_report, maximize_dir, open_run_store
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Site:
+    """What every page writer reads: the config, the run and its store, the store's image layout,
+    the Jinja environment with the values every template gets (``common``), and the site directory."""
+
+    cfg: ExploreConfig
+    sae: UniversalSAE
+    store: Store
+    layout: ImageLayout
+    env: jinja2.Environment
+    common: dict[str, Any]
+    dir: Path
 
 
 def _environment() -> jinja2.Environment:
@@ -70,35 +91,17 @@ def _environment() -> jinja2.Environment:
 
 
 def _run_report(cfg: ExploreConfig, sae: UniversalSAE, store: Store) -> dict[str, Any]:
-    """The run's report computed on this store (:func:`find_report`), else a fresh ``evaluate`` (not saved)."""
+    """The run's report computed on this store (:func:`usae.run.find_report`), else a fresh ``evaluate`` (not saved)."""
     found = find_report(Path(cfg.run), sae.model_names, store)
     if found is not None:
-        log.info("using %s", found[0])
+        log.info("explore: using the report %s", found[0])
         return found[1]
-    log.info("no report for this store in %s; evaluating", cfg.run)
+    log.info(
+        "explore: no report of this store in %s: evaluating it now (not saved); run `usae evaluate %s %s` "
+        "first to reuse one",
+        cfg.run, cfg.run, cfg.store,
+    )  # fmt: skip
     return evaluate(sae, store, out=None, progress=cfg.progress)
-
-
-def find_report(run: Path, model_names: list[str], store: Store) -> tuple[Path, dict[str, Any]] | None:
-    """(path, report) of RUN/report.json or a RUN/report-<store>.json (``usae evaluate RUN S1 S2``)
-    computed on every row of ``store`` (its content hash, not its path) for these models; None if none is.
-
-    The name is only a hint: report.json is tried first, then the one named after the store's directory.
-    """
-    hint = f"report-{store.path.name}"
-    candidates = sorted(run_reports(run), key=lambda p: (p.name != "report.json", not p.stem.startswith(hint)))
-    for path in candidates:
-        try:
-            report = read_json(path, "report")
-        except UsaeError as e:
-            log.warning("%s; skipped", e)
-            continue
-        if not isinstance(report, dict) or not isinstance(report.get("store"), dict):
-            continue
-        same = report["store"].get("hash") == store.hash and report.get("model_names") == model_names
-        if same and report.get("n_rows") == store.n_rows and "classes" in report:
-            return path, report
-    return None
 
 
 def _write_figures(report: dict[str, Any], fig_dir: Path) -> list[dict[str, str]]:
@@ -163,34 +166,6 @@ def _concept_rows(
     return rows
 
 
-def _maximizations(max_dir: Path, site_dir: Path, names: list[str]) -> dict[int, dict[str, Any]]:
-    """Copy every RUN/maximize/concept-<k>/ result into the site; concept -> page data."""
-    found = {}
-    for src in sorted(max_dir.glob("concept-*")) if max_dir.is_dir() else []:
-        m = concept_dir_re.fullmatch(src.name)
-        if not m or not (src / RESULT_NAME).is_file():
-            continue
-        k, result = int(m[1]), read_json(src / RESULT_NAME, "maximisation result")
-        dst = site_dir / "max" / str(k)
-        with writing(dst):
-            dst.mkdir(parents=True)
-        models = []
-        for name, r in result.get("models", {}).items():
-            if name in names and (src / r["png"]).is_file():
-                with writing(dst / r["png"]):
-                    shutil.copy2(src / r["png"], dst / r["png"])
-                models.append({"name": name, "src": f"../max/{k}/{r['png']}", **r})
-        if models:
-            found[k] = {
-                "models": models,
-                "steps": result.get("steps"),
-                "seed": result.get("seed"),
-                "magnitude": result.get("magnitude") or "1/f",
-                "transfer": result.get("transfer"),
-            }
-    return found
-
-
 def _save_thumb(store: Store, j: int, path: Path) -> None:
     """img/<j>.jpg: the canonical view (at most THUMB_SIZE px); a grey tile if the file is gone."""
     try:
@@ -205,8 +180,20 @@ def _save_thumb(store: Store, j: int, path: Path) -> None:
         img.save(path, quality=88)
 
 
-def build_site(cfg: ExploreConfig, site: Path) -> None:
-    """Every page of the explorer into the (empty) directory ``site``."""
+def _write_assets(site_dir: Path) -> None:
+    """The page directories, the stylesheet and script, and the heatmap colours."""
+    for sub in ("concepts", "images", "img", "assets"):
+        with writing(site_dir / sub):
+            (site_dir / sub).mkdir()
+    for asset in ("explorer.css", "explorer.js"):
+        with writing(site_dir / "assets" / asset):
+            shutil.copy2(Path(__file__).parent / "templates" / asset, site_dir / "assets" / asset)
+    # the heatmap colours, shared with overlay(); a script file, since file:// pages cannot fetch JSON
+    write_page(site_dir / "assets" / "colormap.js", f"window.USAE_LUT = {json.dumps(colormap_lut().tolist())};\n")
+
+
+def build_site(cfg: ExploreConfig, site_dir: Path) -> None:
+    """Every page of the explorer into the (empty) directory ``site_dir``."""
     sae, store = open_run_store(cfg.run, cfg.store, cfg.device)
     layout = image_layout(store)
     if not isinstance(store.extra.get("images"), dict):
@@ -215,27 +202,20 @@ def build_site(cfg: ExploreConfig, site: Path) -> None:
     report = _run_report(cfg, sae, store)
     if cfg.maximize_top:
         _maximize_top(cfg, report, labels)
-    env, names = _environment(), sae.model_names
-    for sub in ("concepts", "images", "img", "assets"):
-        with writing(site / sub):
-            (site / sub).mkdir()
-    for asset in ("explorer.css", "explorer.js"):
-        with writing(site / "assets" / asset):
-            shutil.copy2(Path(__file__).parent / "templates" / asset, site / "assets" / asset)
-    # the heatmap colours, shared with overlay(); a script file, since file:// pages cannot fetch JSON
-    write_page(site / "assets" / "colormap.js", f"window.USAE_LUT = {json.dumps(colormap_lut().tolist())};\n")
-    figures = _write_figures(report, site / "figures")
+    common = {"names": sae.model_names, "grid": list(layout.grid), "alpha": OVERLAY_ALPHA}
+    site = _Site(cfg, sae, store, layout, _environment(), common, site_dir)
+    _write_assets(site_dir)
+    figures = _write_figures(report, site_dir / "figures")
     top = scan_top_images(sae, store, cfg.n_top, batch_images=cfg.batch_images, progress=cfg.progress)
     slugs = label_slugs(all_label_names(labels.scored)) if labels.scored else {}
     concepts = _concept_rows(report, labels, top, slugs, layout.grid)
-    common = {"names": names, "grid": list(layout.grid), "alpha": OVERLAY_ALPHA}
-    heat_et, ent = _image_pass(cfg, sae, store, top, concepts, report.get("tau", 0.1), env, common, site)
-    maxi = _maximizations(Path(cfg.run) / "maximize", site, names)
-    _concept_pages(top, concepts, heat_et, ent, layout, maxi, env, common, site, cfg.progress)
-    label_families = label_pages(labels.scored, concepts, slugs, env, common, site) if labels.scored else []
+    heat_et, ent = _image_pass(site, top, concepts, float(report.get("tau", 0.1)))
+    maxi = copy_maximizations(maximize_dir(cfg.run), site_dir, sae.model_names)
+    _concept_pages(site, top, concepts, heat_et, ent, maxi)
+    label_families = label_pages(labels.scored, concepts, slugs, site.env, common, site_dir) if labels.scored else []
     write_page(
-        site / "index.html",
-        env.get_template("index.html").render(
+        site_dir / "index.html",
+        site.env.get_template("index.html").render(
             **common,
             root="",
             title="Concept explorer",
@@ -262,30 +242,32 @@ def _entries(top: TopImages) -> tuple[np.ndarray, np.ndarray]:
     return ent[order], img[order]
 
 
-def _image_pass(cfg, sae, store, top, concepts, report_tau, env, common, site) -> tuple[np.ndarray, np.ndarray]:
-    """Re-encode the images that are in some top list: their token maps, thumbnails and image pages."""
-    layout = image_layout(store)
+def _image_pass(site: _Site, top: TopImages, concepts: list[dict], tau: float) -> tuple[np.ndarray, np.ndarray]:
+    """Re-encode the images that are in some top list: their token maps, thumbnails and image pages.
+
+    Returns the (entries, t) token maps of the top entries and the entries (model, concept, rank)."""
+    sae, store, layout, cfg = site.sae, site.store, site.layout, site.cfg
     ent, ent_img = _entries(top)
     wanted = np.unique(ent_img)
     heat_et = np.zeros((len(ent), layout.tokens_per_image), np.float32)
     vmax_ms = top.value_msn[:, :, 0].numpy()
-    template = env.get_template("image.html")
+    template = site.env.get_template("image.html")
     bar = tqdm(total=len(wanted), unit="img", desc="explore: image pages", disable=not cfg.progress)
     # PIL decodes and encodes with the GIL released: thumbnails overlap with the rendering below.
     with ThreadPoolExecutor(2) as pool:
         for chunk, codes in iter_image_codes(sae, store, wanted, batch_images=cfg.batch_images):
-            thumbs = [pool.submit(_save_thumb, store, j, site / "img" / f"{j}.jpg") for j in chunk.tolist()]
+            thumbs = [pool.submit(_save_thumb, store, j, site.dir / "img" / f"{j}.jpg") for j in chunk.tolist()]
             z_mbts = torch.stack([codes[n] for n in sae.model_names]).cpu()
             lo, hi = np.searchsorted(ent_img, [chunk[0], chunk[-1] + 1])
             loc_e = torch.from_numpy(np.searchsorted(chunk, ent_img[lo:hi]))
             m_e, k_e = torch.from_numpy(ent[lo:hi, 0]), torch.from_numpy(ent[lo:hi, 1])
             heat_et[lo:hi] = z_mbts[m_e, loc_e, :, k_e].numpy()  # (entries, t)
-            seen = _seen_by(z_mbts, vmax_ms, concepts, cfg.concepts_per_image, float(report_tau))
+            seen = _seen_by(z_mbts, vmax_ms, concepts, cfg.concepts_per_image, tau)
             for loc, j in enumerate(chunk.tolist()):
                 page = template.render(
-                    **common, root="../", title=f"Image {j}", j=j, image_id=layout.image_ids[j], seen=seen[loc]
+                    **site.common, root="../", title=f"Image {j}", j=j, image_id=layout.image_ids[j], seen=seen[loc]
                 )
-                write_page(site / "images" / f"{j}.html", page)
+                write_page(site.dir / "images" / f"{j}.html", page)
             for future in thumbs:
                 future.result()
             bar.update(len(chunk))
@@ -331,19 +313,23 @@ def _seen_by(z_mbts: Tensor, vmax_ms: np.ndarray, concepts: list, n: int, tau: f
     return out
 
 
-def _concept_pages(top, concepts, heat_et, ent, layout, maxi, env, common, site, progress) -> None:
-    template = env.get_template("concept.html")
+def _concept_pages(
+    site: _Site, top: TopImages, concepts: list[dict], heat_et: np.ndarray, ent: np.ndarray, maxi: dict[int, dict]
+) -> None:
+    """concepts/<k>.html for every live concept: per model its top images with heatmaps, and its maximisation."""
+    template = site.env.get_template("concept.html")
     value_msn, image_msn = top.value_msn.numpy(), top.image_msn.numpy()
     # one byte per token, scaled to the concept's top image in that model
     vmax_e = value_msn[ent[:, 0], ent[:, 1], 0]
     q_et = np.clip(np.round(heat_et / np.where(vmax_e > 0, vmax_e, 1.0)[:, None] * 255), 0, 255).astype(np.uint8)
     hex_msn = np.full(image_msn.shape, "", dtype=object)
     hex_msn[ent[:, 0], ent[:, 1], ent[:, 2]] = [row.tobytes().hex() for row in q_et]
-    for c in tqdm([c for c in concepts if c["live"]], unit="page", desc="explore: concept pages", disable=not progress):
+    live = [c for c in concepts if c["live"]]
+    for c in tqdm(live, unit="page", desc="explore: concept pages", disable=not site.cfg.progress):
         k, columns = c["id"], []
-        for i, name in enumerate(common["names"]):
+        for i, name in enumerate(site.common["names"]):
             cards = [
-                {"j": int(j), "image_id": layout.image_ids[j], "value": float(v), "hex": hx}
+                {"j": int(j), "image_id": site.layout.image_ids[j], "value": float(v), "hex": hx}
                 for j, v, hx in zip(image_msn[i, k], value_msn[i, k], hex_msn[i, k], strict=True)
                 if j >= 0
             ]
@@ -351,13 +337,13 @@ def _concept_pages(top, concepts, heat_et, ent, layout, maxi, env, common, site,
         # the index's thumbnail: the top image in the model that fires most, else in any model
         firsts = [columns[c["thumb_model"]]["cards"][:1], *(col["cards"][:1] for col in columns)]
         c["thumb"] = next((f[0] for f in firsts if f), None)
-        page = template.render(**common, root="../", title=f"Concept {k}", c=c, columns=columns, maxi=maxi.get(k))
-        write_page(site / "concepts" / f"{k}.html", page)
+        page = template.render(**site.common, root="../", title=f"Concept {k}", c=c, columns=columns, maxi=maxi.get(k))
+        write_page(site.dir / "concepts" / f"{k}.html", page)
 
 
 def _maximize_top(cfg: ExploreConfig, report: dict[str, Any], labels: ConceptLabels) -> None:
-    """Run coordinated maximisation for the ``maximize_top`` universal concepts of most energy share;
-    named ones (the same name in every model, no artifact mark) first when labels.json is there."""
+    """``usae maximize`` for the ``maximize_top`` universal concepts of most energy share, into
+    RUN/maximize; named ones (the same name in every model, no artifact mark) first when labels.json is there."""
     classes = concept_classes.classify(report, concept_classes.thresholds_of(report))
     energy_s = concept_classes.energy_share(report).sum(0)
     ranked = [int(k) for k in np.argsort(-energy_s, kind="stable") if classes[k] == "universal"]
@@ -371,40 +357,40 @@ def _maximize_top(cfg: ExploreConfig, report: dict[str, Any], labels: ConceptLab
             if e.get("agrees") and not artifact_marks(scored.get("artifacts", {}), int(k), names, base)
         }
         ranked = sorted(ranked, key=lambda k: k not in named)  # stable: energy order within each group
-    for k in ranked[: cfg.maximize_top]:
-        result = maximize(
-            cfg.run,
-            k,
-            store=cfg.store,
-            steps=cfg.maximize_steps,
-            n_crops=cfg.maximize_crops,
-            device=cfg.device,
-            progress=cfg.progress,
+    chosen = tuple(ranked[: cfg.maximize_top])
+    if not chosen:
+        log.info("explore: --maximize-top %d: the report has no universal concept to maximise", cfg.maximize_top)
+        return
+    ks = " ".join(map(str, chosen))
+    log.info(
+        "explore: --maximize-top %d: running `usae maximize %s --concept %s --steps %d --n-crops %d` now "
+        "(into %s); --maximize-top 0 skips it",
+        cfg.maximize_top, cfg.run, ks, cfg.maximize_steps, cfg.maximize_crops, maximize_dir(cfg.run),
+    )  # fmt: skip
+    maximize(
+        MaximizeConfig(
+            run=Path(cfg.run), concept=chosen, store=Path(cfg.store), steps=cfg.maximize_steps,
+            n_crops=cfg.maximize_crops, device=cfg.device, progress=cfg.progress,
         )
-        write_maximization(result, Path(cfg.run) / "maximize", k)
+    )  # fmt: skip
 
 
-def explore(
-    run_dir: str | Path,
-    store_dir: str | Path,
-    out_dir: str | Path,
-    **opts: Any,
-) -> Path:
-    """Write the concept explorer for ``run_dir`` on ``store_dir`` to ``out_dir``; return index.html.
-
-    Options are the fields of ``usae.config.ExploreConfig`` (n_top, labels, batch_images,
-    concepts_per_image, maximize_top, maximize_steps, maximize_crops, device, progress).
-    """
-    return explore_cli(ExploreConfig(run=Path(run_dir), store=Path(store_dir), out=Path(out_dir), **opts))
-
-
-def explore_cli(cfg: ExploreConfig) -> Path:
-    """``usae explore``: build the site in a temporary sibling directory, then move it into place.
+@overload
+def explore(cfg: ExploreConfig, /) -> Path: ...
+@overload
+def explore(run: str | Path, store: str | Path, out: str | Path, /, **fields: Any) -> Path: ...
+def explore(cfg, store=None, out=None, /, **fields):
+    """``usae explore``: build the site in a temporary sibling directory, then move it into place;
+    returns OUT/index.html (OUT as given, symlinks kept).
 
     --out is checked before anything is written: not the run or the store (nor inside or around
     them), and either absent, empty or an earlier explorer site (which is replaced). A failed
     build leaves neither the partial site nor a newly created empty parent directory.
+
+    ``explore(run, store, out, **fields)`` is ``explore(ExploreConfig(run, store, out, **fields))``.
     """
+    if not isinstance(cfg, ExploreConfig):
+        cfg = ExploreConfig(run=Path(cfg), store=Path(store), out=Path(out), **fields)
     out = check_output(cfg.out, "", overwrite=True, reading=(cfg.run, cfg.store), replaces=False)
     if out.exists() and not ((out / SITE_MARKER).is_file() or not any(out.iterdir())):
         raise UsaeError(f"{out} exists and is not a concept explorer site; refusing to replace it")
@@ -434,4 +420,4 @@ def explore_cli(cfg: ExploreConfig) -> Path:
 
 def explore_command(cfg: ExploreConfig) -> str:
     """``usae explore``: what the command prints."""
-    return f"concept explorer: {explore_cli(cfg)}"
+    return f"concept explorer: {explore(cfg)}"

@@ -2,7 +2,7 @@
 
 MACO (Fel et al. 2023) optimises only the Fourier phase of an image; the magnitude is the mean
 magnitude spectrum of natural images. Offline we estimate it from the images the store was
-extracted from, in the space :class:`usae.explorer.maximize.FourierImage` generates in:
+extracted from, in the space :class:`usae.explorer.maco.FourierImage` generates in:
 
 1. the canonical view of the image at the optimised size (the pixels every backbone saw),
    scaled to [0, 1];

@@ -4,9 +4,9 @@ Notation: m models, s latents. ``fires_ms[i, k]`` counts the rows where latent k
 model i, i.e. where the code obtained by encoding model i's own activations exceeds tau;
 ``cofires_s[k]`` counts the rows where latent k fires for every model at once.
 
-The concept-class thresholds are defined here once (``MIN_RATE`` ... ``UNIVERSAL_COFIRE``);
-``usae.evaluation.classes.ClassThresholds`` and ``usae.config.EvalConfig`` use the same values
-(a test pins them). docs/report.md gives each rule and why its default.
+The concept classes are named here once (``CLASSES``); their thresholds are one frozen
+``usae.config.evaluate.ClassThresholds`` (its defaults are ``EvalConfig``'s and report.json's).
+docs/report.md gives each rule and why its default.
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ import math
 import torch
 from torch import Tensor
 
-from usae.config.evaluate import (  # the class rules' defaults
-    MIN_COUNT,
-    MIN_RATE,
-    MIN_SHARE,
-    UNIVERSAL_COFIRE,
-    UNIVERSAL_FE,
-)
+from usae.config.evaluate import ClassThresholds
+
+CLASSES = ("universal", "partial", "specific", "rare", "dead")
+"""The concept classes (``classify_latents``), in the order every table shows them."""
+USED_CLASSES = CLASSES[:3]
+"""The classes of latents some model uses (rare and dead: no model uses them)."""
+DEFAULT_THRESHOLDS = ClassThresholds()
 
 
 def r2_from_sums(sse: Tensor | float, sst: Tensor | float) -> Tensor:
@@ -126,20 +126,14 @@ def energy(mean_z_ms: Tensor, dict_norm_ms: Tensor) -> Tensor:
     return (mean_z_ms.double() * dict_norm_ms.double()).square()
 
 
-def used_latents(
-    fires_ms: Tensor,
-    n_rows: int,
-    min_rate: float = MIN_RATE,
-    min_count: float = MIN_COUNT,
-    min_share: float = MIN_SHARE,
-) -> Tensor:
+def used_latents(fires_ms: Tensor, n_rows: int, thresholds: ClassThresholds = DEFAULT_THRESHOLDS) -> Tensor:
     """Bool (m, s): model i *uses* latent k (the support rule).
 
     fires_ik >= max(1, min_count, min_rate * n_rows)  and  fires_ik >= min_share * max_j fires_jk.
     """
-    fires = fires_ms.double()
-    floor = max(1.0, float(min_count), min_rate * n_rows)
-    return (fires >= floor) & (fires >= min_share * fires.amax(0, keepdim=True))
+    fires, t = fires_ms.double(), thresholds
+    floor = max(1.0, float(t.min_count), t.min_rate * n_rows)
+    return (fires >= floor) & (fires >= t.min_share * fires.amax(0, keepdim=True))
 
 
 def min_cofire_proportion(cofires_s: Tensor, fires_ms: Tensor) -> Tensor:
@@ -149,26 +143,18 @@ def min_cofire_proportion(cofires_s: Tensor, fires_ms: Tensor) -> Tensor:
 
 
 def classify_latents(
-    fires_ms: Tensor,
-    n_rows: int,
-    min_rate: float = MIN_RATE,
-    universal_fe: float = UNIVERSAL_FE,
-    *,
-    cofires_s: Tensor,
-    min_count: float = MIN_COUNT,
-    min_share: float = MIN_SHARE,
-    universal_cofire: float = UNIVERSAL_COFIRE,
+    fires_ms: Tensor, n_rows: int, *, cofires_s: Tensor, thresholds: ClassThresholds = DEFAULT_THRESHOLDS
 ) -> list[str]:
     """Label each latent 'universal' | 'partial' | 'specific' | 'rare' | 'dead'.
 
     Which models *use* it: ``used_latents`` (min_rate, min_count, min_share). Universal: used by
-    every model, firing entropy >= ``universal_fe`` and co-fire proportion >= ``universal_cofire``
+    every model, firing entropy >= ``thresholds.universal_fe`` and co-fire proportion >= ``universal_cofire``
     in every model (it fires on the same rows, not only equally often); partial: used by >= 2
     models and not universal; specific: used by exactly one; rare: used by none but fires at least
     once; dead: never fires (code > tau) for any model. With m = 1 every used latent is 'specific'.
     """
     fires = fires_ms.double()
-    n_users_s = used_latents(fires, n_rows, min_rate, min_count, min_share).sum(0)
+    n_users_s = used_latents(fires, n_rows, thresholds).sum(0)
     fe_s = firing_entropy(fires).nan_to_num(0.0)
     cfp_s = min_cofire_proportion(cofires_s, fires)
     total_s = fires.sum(0)
@@ -183,7 +169,7 @@ def classify_latents(
             labels.append("rare")
         elif n_users == 1:
             labels.append("specific")
-        elif n_users == m and fe >= universal_fe and cfp >= universal_cofire:
+        elif n_users == m and fe >= thresholds.universal_fe and cfp >= thresholds.universal_cofire:
             labels.append("universal")
         else:
             labels.append("partial")

@@ -51,6 +51,22 @@ def lr_at(step: int, peak: float, warmup: int, total: int, end_ratio: float = 0.
     return peak * (end_ratio + (1.0 - end_ratio) * cosine)
 
 
+class TrainerState(NamedTuple):
+    """Loop state beyond weights and optimiser that a checkpoint must carry."""
+
+    since_fired_ms: Tensor
+    """(m, s) int64: tokens each model encoded since each latent last fired."""
+    n_dead: Tensor
+    """() int64 on the host: most dead latents of any model at the last check (AuxK uses
+    min(k_aux, n_dead))."""
+
+    @classmethod
+    def fresh(cls, n_models: int, n_latents: int, device: torch.device) -> TrainerState:
+        """The state of a run's first step: no latent has fired, none counts as dead."""
+        since_fired_ms = torch.zeros(n_models, n_latents, dtype=torch.int64, device=device)
+        return cls(since_fired_ms, torch.zeros((), dtype=torch.int64))
+
+
 class StepStats(NamedTuple):
     """Detached per-step numbers (tensors: reading them syncs the device, so only at log steps)."""
 
@@ -68,38 +84,38 @@ def train_step(
     x_n: dict[str, Tensor],
     sources: list[str],
     cfg: TrainConfig,
-    since_fired_ms: Tensor,
-    k_aux: int,
+    state: TrainerState,
     world: World = distributed.SINGLE,
-    select_dtype: torch.dtype | None = None,
 ) -> StepStats:
     """One update: encode each source, decode into every model, sum the losses, step.
 
-    ``x_n``: normalised (b, d_i) activations of every model on the same rows. ``since_fired_ms``
-    (tokens since each latent last fired, per model) is updated in place for AuxK; ``k_aux`` dead
-    latents per row feed AuxK (0: off). With several ``world`` ranks, ``x_n`` is this rank's share
-    of the global batch and gradients and fire counts are averaged/summed across ranks.
-    ``select_dtype``: precision of the encoders' latent-choosing matmul (None: the weights').
+    ``x_n``: normalised (b, d_i) activations of every model on the same rows. ``cfg``: resolved
+    (``training.resume.resolve``: ``k_aux`` and ``select_precision`` set). ``state.since_fired_ms``
+    is updated in place; ``min(k_aux, state.n_dead)`` dead latents per row feed AuxK. With several
+    ``world`` ranks, ``x_n`` is this rank's share of the global batch and gradients and fire counts
+    are averaged/summed across ranks.
     """
-    names, rule = sae.model_names, RULES[cfg.rule]
+    names, rule, opt = sae.model_names, RULES[cfg.optim.rule], cfg.optim
+    k_aux = min(opt.k_aux, int(state.n_dead)) if opt.auxk_coef > 0 else 0  # n_dead is on the host: no sync
     optimizer.zero_grad(set_to_none=True)
+    since_fired_ms = state.since_fired_ms
     total = torch.zeros((), device=since_fired_ms.device)
     recon = {dst: torch.zeros_like(total) for dst in names}
     aux = torch.zeros_like(total)
-    for m, code, aux_code in _codes(sae, x_n, sources, cfg, since_fired_ms, k_aux, select_dtype):
+    for m, code, aux_code in _codes(sae, x_n, sources, cfg, since_fired_ms, k_aux):
         for i in range(len(names)) if m is None else (m,):
-            _update_since_fired(since_fired_ms[i], code, cfg.batch_size, world)
+            _update_since_fired(since_fired_ms[i], code, cfg.data.batch_size, world)
         x_hat = sae.decode_many_normalized(names, code)
         aux_hat = sae.decode_many_normalized(names, aux_code, bias=False) if aux_code is not None else {}
         for dst in names:
-            recon[dst] = recon[dst] + reconstruction_loss(x_hat[dst], x_n[dst], cfg.loss)
+            recon[dst] = recon[dst] + reconstruction_loss(x_hat[dst], x_n[dst], opt.loss)
             if aux_code is not None:
                 aux = aux + auxk_loss(aux_hat[dst], (x_n[dst] - x_hat[dst]).detach())
     n_codes = 1 if rule.shared_values else len(sources)  # one joint code: its losses are not averaged
-    total = (sum(recon.values()) + cfg.auxk_coef * aux) / n_codes
+    total = (sum(recon.values()) + opt.auxk_coef * aux) / n_codes
     # Ranks hold uneven shares of the global batch: weight each rank's mean by its share so the
     # all-reduced average gradient is the gradient of the global-batch mean.
-    share = x_n[sources[0]].shape[0] * world.size / cfg.batch_size
+    share = x_n[sources[0]].shape[0] * world.size / cfg.data.batch_size
     (total * share if world.size > 1 else total).backward()
     distributed.all_reduce_mean_([p.grad for p in sae.parameters() if p.grad is not None], world)
     if rule.source_grads_only:
@@ -111,33 +127,28 @@ def train_step(
                     p.grad = None
     if sae.cfg.decoder_norm == "unit":
         sae.remove_parallel_grads_()
-    if cfg.grad_clip is not None:
-        torch.nn.utils.clip_grad_norm_([p for p in sae.parameters() if p.grad is not None], cfg.grad_clip)
+    if opt.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_([p for p in sae.parameters() if p.grad is not None], opt.grad_clip)
     optimizer.step()
     sae.constrain_decoders_()
     return StepStats(total.detach(), {d: r.detach() / n_codes for d, r in recon.items()}, aux.detach() / n_codes)
 
 
 def _codes(
-    sae: UniversalSAE,
-    x_n: dict[str, Tensor],
-    sources: list[str],
-    cfg: TrainConfig,
-    since_fired_ms: Tensor,
-    k_aux: int,
-    select_dtype: torch.dtype | None,
+    sae: UniversalSAE, x_n: dict[str, Tensor], sources: list[str], cfg: TrainConfig, since_fired_ms: Tensor, k_aux: int
 ):
     """(model index, code, AuxK code) per encoded source; index None: the code belongs to every model."""
-    names, rule = sae.model_names, RULES[cfg.rule]
+    names, rule = sae.model_names, RULES[cfg.optim.rule]
     if rule.global_code:
         codes = sae.encode_global(x_n, shared_values=rule.shared_values)
         if rule.shared_values:  # one code, counted as firing for every model
             return [(None, codes[names[0]], None)]
         return [(names.index(n), codes[n], None) for n in names]
+    select_dtype = getattr(torch, cfg.optim.select_precision)  # of the encoders' latent-choosing matmul
     out = []
     for src in sources:
         m = names.index(src)
-        dead_s = since_fired_ms[m] > cfg.dead_after_tokens
+        dead_s = since_fired_ms[m] > cfg.optim.dead_after_tokens
         code, aux_code = sae.encode_normalized(src, x_n[src], dead_s, k_aux, select_dtype)
         out.append((m, code, aux_code))
     return out

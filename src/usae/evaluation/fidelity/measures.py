@@ -2,7 +2,7 @@
 
 Pure tensor functions (classifier logits: top-1 agreement, KL(clean ‖ spliced), cross-entropy
 against the clean top-1; dense maps: Pearson correlation, MSE) and the running sums that turn them
-into one cell of splice.json. Definitions: ``evaluation/splice.py``'s docstring.
+into one cell of splice.json. Definitions: ``fidelity/splice.py``'s docstring.
 """
 
 from __future__ import annotations
@@ -116,3 +116,8 @@ def splice_cell(task: str, sums: SpliceSums, floor: SpliceSums) -> dict[str, flo
         loss_recovered(floor_means.get(key, float("nan")), means.get(key, float("nan")))
     )
     return cell
+
+
+def headline(result: dict, j: str) -> str:
+    """The measure splice.json's tables and figure show first for destination ``j``: its task's fidelity."""
+    return "agreement" if result["task"].get(j) == "classifier" else "correlation"

@@ -32,26 +32,26 @@ missing image, or one whose recomputed tokens differ from the stored rows by mor
 Frobenius norm per image and model; float16 storage rounds to < 0.1%), is a one-line UsaeError
 naming the first such image.
 
-``splice(run, store)`` returns a JSON-ready dict; ``write_splice(result, out)`` writes
-``splice.json`` and the figure ``splice.png``.
+``splice(cfg)`` (``usae splice``) measures the run's dictionary on the store, writes ``splice.json``
+and the figure ``splice.png`` (``write_splice``) and returns the JSON-ready dict.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from usae._io import check_output, one_line, save_figure, write_json_atomic
-from usae.data.store import Store, open_store
+from usae.config import SpliceConfig
+from usae.data.store import Store
 from usae.device import resolve_device
 from usae.errors import UsaeError
 from usae.evaluation.fidelity.measures import (
@@ -60,6 +60,7 @@ from usae.evaluation.fidelity.measures import (
     SPLICE_JSON,
     SpliceSums,
     finite_or_none,
+    headline,
     splice_cell,
     task_measures,
     tokens_to_native,
@@ -67,7 +68,7 @@ from usae.evaluation.fidelity.measures import (
 from usae.extraction.backbones import Backbone, align, load_backbone, parse_spec
 from usae.extraction.images import BadImage, ImageSet, canonical_view, image_by_id, open_images, reopen
 from usae.model.sae import UniversalSAE
-from usae.run import BASELINES_DIR, MODEL_NAME, load
+from usae.run import BASELINES_DIR, MODEL_NAME, load, open_run_store
 
 log = logging.getLogger(__name__)
 
@@ -80,18 +81,12 @@ Frobenius norm) has changed since extraction."""
 
 
 # -- inputs: run, store, images, backbones, independent SAEs --------------------------------------
-def _open(run: str | Path | UniversalSAE, store: str | Path | Store, device: torch.device) -> tuple:
-    sae = run if isinstance(run, UniversalSAE) else load(run, device=device)
-    store = store if isinstance(store, Store) else open_store(store)
-    missing = [n for n in sae.model_names if store.widths.get(n) != sae.cfg.widths[n]]
-    if missing:
-        raise UsaeError(f"store {store.path} lacks the run's models {missing} at the run's widths")
-    where = store.path / "metadata.json"
+def _check_layout(store: Store) -> None:
     if store.tokens_per_image is None or store.grid is None or store.image_ids is None:
         raise UsaeError(
-            f"{where}: no image layout (image_ids, tokens_per_image, grid); make the store with `usae extract`"
+            f"{store.path / 'metadata.json'}: no image layout (image_ids, tokens_per_image, grid); "
+            "make the store with `usae extract`"
         )
-    return sae.to(device).eval(), store
 
 
 def store_backbones(
@@ -144,9 +139,7 @@ def independent_saes(
     return out
 
 
-def _image_source(store: Store, images: str | Path | Sequence[str | Path] | ImageSet | None) -> ImageSet:
-    if isinstance(images, ImageSet):
-        return images
+def _image_source(store: Store, images: str | None) -> ImageSet:
     if images is not None:
         return open_images(images)
     desc = store.extra.get("images")
@@ -186,110 +179,115 @@ def _reconstruct(sae: UniversalSAE, src: str, dst: str, x_btd: Tensor) -> Tensor
     return sae.decode(dst, sae.encode_sparse(src, x_rd)).float().view(b, t, -1)
 
 
-def _substitutes(
-    ctx: tuple, j: str, tokens: dict[str, Tensor], fmap_bdhw: Tensor, mean_d: Tensor
-) -> Iterator[tuple[str, Tensor]]:
-    """(key, native map) for destination j: each source's reconstruction, then the controls (lazily)."""
-    sae, independent, names, grid, native = ctx
-    for i in names:
-        yield i, tokens_to_native(_reconstruct(sae, i, j, tokens[i]), grid, native)
-    yield "mean_ablation", mean_d.to(fmap_bdhw.dtype).view(1, -1, 1, 1).expand_as(fmap_bdhw)
-    yield "zero_ablation", torch.zeros_like(fmap_bdhw)
-    yield "resample_only", tokens_to_native(tokens[j], grid, native)
-    if independent is not None:
-        yield "independent_sae", tokens_to_native(_reconstruct(independent, j, j, tokens[j]), grid, native)
+@dataclass
+class _Splicer:
+    """What every batch needs: the open run and store, each model's backbone and task, the running sums."""
+
+    sae: UniversalSAE
+    store: Store
+    models: dict[str, Backbone]
+    indep: dict[str, UniversalSAE]
+    reasons: dict[str, str | None]
+    device: torch.device
+    names: list[str] = field(init=False)
+    avail: list[str] = field(init=False)
+    tasks: dict[str, str | None] = field(init=False)
+    native: dict[str, tuple[int, int]] = field(init=False)
+    cells: dict[tuple[str, str], SpliceSums] = field(init=False)
+    clean: dict[str, SpliceSums] = field(init=False)
+    mean_d: dict[str, Tensor] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.names = self.sae.model_names
+        self.avail = [n for n in self.names if self.reasons[n] is None]
+        self.tasks = {n: self.models[n].task if self.reasons[n] is None else None for n in self.names}
+        self.native = {n: tuple(self.models[n].native_grid) for n in self.names}
+        self.cells = {(key, j): SpliceSums() for j in self.avail for key in [*self.names, *CONTROLS]}
+        self.clean = {j: SpliceSums() for j in self.avail}
+        self.mean_d = {n: torch.from_numpy(self.store.stats(n).mean).to(self.device) for n in self.avail}
+
+    @torch.inference_mode()
+    def add(self, idx: list[int], views: list[np.ndarray]) -> None:
+        """Splice every substitute into every available model for the images ``idx`` (their ``views``)."""
+        pixels = torch.from_numpy(np.stack(views)).to(self.device).permute(0, 3, 1, 2).float() / 255.0
+        fmaps, outs, tokens = {}, {}, {}
+        for n in self.names:
+            if n in self.avail:
+                seen: list[Tensor] = []
+                outs[n] = self.models[n].splice_forward(pixels, lambda f, seen=seen: seen.append(f.clone()) or f)
+                fmaps[n] = seen[0]
+            else:
+                fmaps[n] = self.models[n](pixels)
+            tokens[n] = align(fmaps[n], tuple(self.store.grid)).float()
+        _check_unchanged(self.store, tokens, idx)
+        for j in self.avail:
+            self.native[j] = tuple(fmaps[j].shape[-2:])
+            self.clean[j].add(task_measures(self.tasks[j], outs[j], outs[j]))
+            for key, new_bdhw in self._substitutes(j, tokens, fmaps[j]):
+                new_bdhw = new_bdhw.clone(memory_format=torch.contiguous_format)  # downstream ops may write in place
+                out = self.models[j].splice_forward(pixels, lambda f, new=new_bdhw: new.to(f.dtype))
+                self.cells[(key, j)].add(task_measures(self.tasks[j], outs[j], out))
+
+    def _substitutes(self, j: str, tokens: dict[str, Tensor], fmap_bdhw: Tensor) -> Iterator[tuple[str, Tensor]]:
+        """(key, native map) for destination j: each source's reconstruction, then the controls (lazily)."""
+        grid, native = tuple(self.store.grid), self.native[j]
+        for i in self.names:
+            yield i, tokens_to_native(_reconstruct(self.sae, i, j, tokens[i]), grid, native)
+        yield "mean_ablation", self.mean_d[j].to(fmap_bdhw.dtype).view(1, -1, 1, 1).expand_as(fmap_bdhw)
+        yield "zero_ablation", torch.zeros_like(fmap_bdhw)
+        yield "resample_only", tokens_to_native(tokens[j], grid, native)
+        if j in self.indep:
+            yield "independent_sae", tokens_to_native(_reconstruct(self.indep[j], j, j, tokens[j]), grid, native)
 
 
 # -- the driver ------------------------------------------------------------------------------------
-def splice(
-    run: str | Path | UniversalSAE,
-    store: str | Path | Store,
-    *,
-    images: str | Path | Sequence[str | Path] | ImageSet | None = None,
-    batch_images: int = 16,
-    max_images: int | None = None,
-    device: str = "cpu",
-    progress: bool = True,
-    backbones: Mapping[str, Backbone] | Sequence[Backbone] | None = None,
-    baselines: str | Path | Mapping[str, UniversalSAE | str | Path] | None = None,
-) -> dict[str, Any]:
-    """Splice every model's reconstruction (from every source) back into it; return the JSON-ready result.
+def splice(cfg: SpliceConfig, backbones: Mapping[str, Backbone] | Sequence[Backbone] | None = None) -> dict[str, Any]:
+    """``usae splice RUN STORE``: splice every model's reconstruction (from every source) back into it.
 
-    ``run``: run directory (or a UniversalSAE). ``store``: the store made by ``usae extract`` (its
-    images, token grid and backbone specs). ``images``: another source for the same image ids (a
-    folder, a list file, ``hf:NAME``; default: the store's ``extra.images``). ``max_images``: that many
-    of the store's images, spread evenly. ``backbones``: ready backbones by model name (needed for
-    ones built in Python; others are rebuilt from their specs). ``baselines``: independent SAEs, a
-    directory with ``<model>/`` run dirs or a mapping; default RUN/baselines/ when ``run`` is a path.
+    Writes OUT/splice.json and OUT/splice.png (OUT: ``cfg.out``, default RUN) and returns the
+    JSON-ready result. The store is the one ``usae extract`` made (its images, token grid and
+    backbone specs); an independent SAE in RUN/baselines/<model>/ is added as a control.
+    ``backbones``: ready backbones (a list, or by model name), needed for ones built in Python; the
+    others are rebuilt from the store's specs.
     """
-    if batch_images < 1:
-        raise UsaeError(f"splice: batch_images must be >= 1, got {batch_images}")
-    if max_images is not None and max_images < 1:
-        raise UsaeError(f"splice: max_images must be >= 1, got {max_images}")
-    dev = resolve_device(device)
-    sae, store = _open(run, store, dev)
-    names = sae.model_names
+    out = check_output(cfg.out or cfg.run, ("", "usae-run"), reading=(cfg.store,), replaces=False)
+    device = resolve_device(cfg.device)
+    sae, store = open_run_store(cfg.run, cfg.store, str(device))
+    _check_layout(store)
     if backbones is not None and not isinstance(backbones, Mapping):
         backbones = {b.name: b for b in backbones}
-    models = store_backbones(store, names, dev, backbones)
-    if baselines is None and not isinstance(run, UniversalSAE):
-        baselines = Path(run) / BASELINES_DIR
-    indep = independent_saes(baselines, names, dev)
-    grid = tuple(store.grid)
-
-    reasons = {n: models[n].splice_check() for n in names}
-    avail = [n for n in names if reasons[n] is None]
-    for n in names:
-        if reasons[n] is not None:
-            log.warning("%s", reasons[n])
-    tasks = {n: models[n].task if reasons[n] is None else None for n in names}
-
-    n_all = len(store.image_ids)
-    chosen = list(range(n_all))
-    if max_images is not None and max_images < n_all:
-        chosen = sorted({int(round(i)) for i in np.linspace(0, n_all - 1, max_images)})
-    if not avail:
-        log.warning("no model of %s can splice: nothing to measure", names)
+    models = store_backbones(store, sae.model_names, device, backbones)
+    indep = independent_saes(Path(cfg.run) / BASELINES_DIR, sae.model_names, device)
+    reasons = {n: models[n].splice_check() for n in sae.model_names}
+    for why in filter(None, reasons.values()):
+        log.warning("%s", why)
+    splicer = _Splicer(sae, store, models, indep, reasons, device)
+    chosen = _chosen_images(len(store.image_ids), cfg.max_images)
+    if not splicer.avail:
+        log.warning("no model of %s can splice: nothing to measure", sae.model_names)
         chosen = []
-    image_set = _image_source(store, images) if chosen else None
+    image_set = _image_source(store, cfg.images) if chosen else None
     view = int(store.extra.get("view_size") or max(b.input_size for b in models.values()))
-    mean_d = {n: torch.from_numpy(store.stats(n).mean).to(dev) for n in avail}
-    cells = {(key, j): SpliceSums() for j in avail for key in [*names, *CONTROLS]}
-    clean_sums = {j: SpliceSums() for j in avail}
-    native: dict[str, tuple[int, int]] = {n: tuple(models[n].native_grid) for n in names}
-
-    bar = tqdm(total=len(chosen), desc="splice", unit="img", disable=not progress or None)
-    for start in range(0, len(chosen), batch_images):
-        idx = chosen[start : start + batch_images]
-        views = [_view(image_set, store.image_ids[j], j, view, store) for j in idx]
-        pixels = torch.from_numpy(np.stack(views)).to(dev).permute(0, 3, 1, 2).float() / 255.0
-        with torch.inference_mode():
-            fmaps, outs, tokens = {}, {}, {}
-            for n in names:
-                if n in avail:
-                    seen: list[Tensor] = []
-                    outs[n] = models[n].splice_forward(pixels, lambda f, seen=seen: seen.append(f.clone()) or f)
-                    fmaps[n] = seen[0]
-                else:
-                    fmaps[n] = models[n](pixels)
-                tokens[n] = align(fmaps[n], grid).float()
-            _check_unchanged(store, tokens, idx)
-            for j in avail:
-                native[j] = tuple(fmaps[j].shape[-2:])
-                clean_sums[j].add(task_measures(tasks[j], outs[j], outs[j]))
-                ctx = (sae, indep.get(j), names, grid, native[j])
-                for key, new_bdhw in _substitutes(ctx, j, tokens, fmaps[j], mean_d[j]):
-                    new_bdhw = new_bdhw.clone(
-                        memory_format=torch.contiguous_format
-                    )  # downstream ops may write in place
-                    out = models[j].splice_forward(pixels, lambda f, new=new_bdhw: new.to(f.dtype))
-                    cells[(key, j)].add(task_measures(tasks[j], outs[j], out))
+    bar = tqdm(total=len(chosen), desc="splice", unit="img", disable=not cfg.progress or None)
+    for start in range(0, len(chosen), cfg.batch_images):
+        idx = chosen[start : start + cfg.batch_images]
+        splicer.add(idx, [_view(image_set, store.image_ids[j], j, view, store) for j in idx])
         bar.update(len(idx))
     bar.close()
-    return _result(store, names, avail, reasons, tasks, native, cells, clean_sums, indep, len(chosen), run)
+    result = _result(splicer, len(chosen), cfg.run)
+    write_splice(result, out)
+    return result
 
 
-def _result(store, names, avail, reasons, tasks, native, cells, clean_sums, indep, n_images, run) -> dict[str, Any]:
+def _chosen_images(n_all: int, max_images: int | None) -> list[int]:
+    """All image indices, or ``max_images`` of them spread evenly."""
+    if max_images is None or max_images >= n_all:
+        return list(range(n_all))
+    return sorted({int(round(i)) for i in np.linspace(0, n_all - 1, max_images)})
+
+
+def _result(sp: _Splicer, n_images: int, run: Path) -> dict[str, Any]:
+    store, names, avail, tasks, cells = sp.store, sp.names, sp.avail, sp.tasks, sp.cells
     matrices: dict[str, list[list[float | None]]] = {k: [] for k in MATRICES}
     for i in names:
         rows = {k: [] for k in MATRICES}
@@ -307,19 +305,19 @@ def _result(store, names, avail, reasons, tasks, native, cells, clean_sums, inde
         controls[j] = {c: splice_cell(tasks[j], cells[(c, j)], floor) for c in CONTROLS if cells[(c, j)].n}
     return {
         "splice_version": SPLICE_VERSION,
-        "run": None if isinstance(run, UniversalSAE) else str(run),
+        "run": str(run),
         "store": str(store.path),
         "models": list(names),
         "n_images": int(n_images),
         "grid": list(store.grid),
-        "native_grid": {n: list(native[n]) for n in names},
+        "native_grid": {n: list(sp.native[n]) for n in names},
         "available": {n: n in avail for n in names},
-        "unavailable_reasons": {n: reasons[n] for n in names if reasons[n] is not None},
+        "unavailable_reasons": {n: why for n, why in sp.reasons.items() if why is not None},
         "task": {n: tasks[n] for n in names},
-        "independent_sae": {n: n in indep for n in names},
+        "independent_sae": {n: n in sp.indep for n in names},
         "matrices": matrices,
         "controls": controls,
-        "clean": {j: {k: finite_or_none(v) for k, v in clean_sums[j].means().items()} for j in avail if n_images},
+        "clean": {j: {k: finite_or_none(v) for k, v in sp.clean[j].means().items()} for j in avail if n_images},
         "definitions": {
             "matrices": "[source i][destination j]; null where j cannot splice or the measure is not j's task's",
             "agreement": "classifiers: fraction of images whose spliced top-1 class is the clean one",
@@ -334,51 +332,14 @@ def _result(store, names, avail, reasons, tasks, native, cells, clean_sums, inde
 
 
 # -- output ------------------------------------------------------------------------------------------
-def _headline(result: dict[str, Any], j: str) -> str:
-    return "agreement" if result["task"].get(j) == "classifier" else "correlation"
-
-
-def figure_splice(result: dict[str, Any]) -> Figure:
-    """Two heatmaps: task fidelity (agreement for classifiers, correlation for dense heads) and loss
-    recovered; rows are the sources then the controls, columns the destinations (grey: unavailable)."""
-    names = result["models"]
-    row_labels = [f"from {n}" for n in names] + [c.replace("_", " ") for c in CONTROLS]
-    m = len(names)
-    panels = (("fidelity", "task fidelity (agreement / correlation)"), ("loss_recovered", "loss recovered"))
-    fig = Figure(figsize=(2.2 + 1.6 * m * len(panels), 1.6 + 0.45 * len(row_labels)), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    for ax, (key, title) in zip(axes, panels, strict=True):
-        v_rm = np.full((len(row_labels), m), np.nan)
-        for c, j in enumerate(names):
-            k = _headline(result, j) if key == "fidelity" else key
-            for r in range(m):
-                v = result["matrices"][k][r][c]
-                v_rm[r, c] = np.nan if v is None else v
-            for r, control in enumerate(CONTROLS, start=m):
-                v = result["controls"].get(j, {}).get(control, {}).get(k)
-                v_rm[r, c] = np.nan if v is None else v
-        ax.set_facecolor("0.85")
-        image = ax.imshow(np.ma.masked_invalid(v_rm), vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
-        for (r, c), v in np.ndenumerate(v_rm):
-            text = "n/a" if np.isnan(v) else f"{v:.2f}"
-            ax.text(c, r, text, ha="center", va="center", color="black" if np.isnan(v) or v >= 0.6 else "white")
-        ax.axhline(m - 0.5, color="white", linewidth=3)
-        labels = [f"{j}\n({result['task'].get(j) or 'unavailable'})" for j in names]
-        ax.set_xticks(range(m), labels)
-        ax.set_yticks(range(len(row_labels)), row_labels)
-        ax.set(xlabel="spliced into (destination)", title=title)
-        fig.colorbar(image, ax=ax, shrink=0.8)
-    fig.suptitle(f"Splicing reconstructions back into each model ({result['n_images']} images)")
-    return fig
-
-
 def write_splice(result: dict[str, Any], out_dir: str | Path) -> Path:
     """Write OUT_DIR/splice.json (atomically) and OUT_DIR/splice.png; return the JSON path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / SPLICE_JSON
     write_json_atomic(path, result)
+    from usae.evaluation.report.figures import figure_splice  # matplotlib only when writing
+
     save_figure(figure_splice(result), out / SPLICE_PNG)
     log.info("wrote %s and %s", path, out / SPLICE_PNG)
     return path
@@ -388,18 +349,18 @@ def splice_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """(column titles, rows): one row per source model then per control, one column per destination
     model; each cell "<headline measure> / <loss recovered>" ("–" where the destination cannot splice)."""
     models, m = result["models"], result["matrices"]
-    titles = [f"{j} ({_headline(result, j)} / loss rec.)" for j in models]
+    titles = [f"{j} ({headline(result, j)} / loss rec.)" for j in models]
     rows = []
     for r, i in enumerate(models):
         rows.append([i] + [
-            f"{_fmt(m[_headline(result, j)][r][c])} / {_fmt(m['loss_recovered'][r][c])}" if result["available"][j] else "–"
+            f"{_fmt(m[headline(result, j)][r][c])} / {_fmt(m['loss_recovered'][r][c])}" if result["available"][j] else "–"
             for c, j in enumerate(models)
         ])  # fmt: skip
     for name in CONTROLS:
         cells = []
         for j in models:
             ctl = result["controls"].get(j, {}).get(name)
-            cells.append(f"{_fmt(ctl.get(_headline(result, j)))} / {_fmt(ctl.get('loss_recovered'))}" if ctl else "–")
+            cells.append(f"{_fmt(ctl.get(headline(result, j)))} / {_fmt(ctl.get('loss_recovered'))}" if ctl else "–")
         if any(c != "–" for c in cells):
             rows.append([name.replace("_", " ")] + cells)
     return titles, rows
@@ -420,27 +381,7 @@ def _fmt(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.3f}"
 
 
-def splice_cli(cfg: Any) -> tuple[dict[str, Any], Path]:
-    """``usae splice RUN STORE``: ``splice`` with the config's settings, written to ``cfg.out`` (default RUN).
-
-    Returns the result and the path of splice.json.
-    """
-    out = check_output(
-        cfg.out if cfg.out is not None else cfg.run, ("", "usae-run"), reading=(cfg.store,), replaces=False
-    )
-    result = splice(
-        cfg.run,
-        cfg.store,
-        images=cfg.images,
-        batch_images=cfg.batch_images,
-        max_images=cfg.max_images,
-        device=cfg.device,
-        progress=cfg.progress,
-    )
-    return result, write_splice(result, out)
-
-
-def splice_command(cfg: Any) -> str:
+def splice_command(cfg: SpliceConfig) -> str:
     """``usae splice``: what the command prints."""
-    result, path = splice_cli(cfg)
-    return f"{format_splice(result)}\nsplice: {path}"
+    result = splice(cfg)
+    return f"{format_splice(result)}\nsplice: {(cfg.out or cfg.run) / SPLICE_JSON}"

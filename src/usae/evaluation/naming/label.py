@@ -1,11 +1,11 @@
 """``usae label``: name every concept from labels of held-out images, with a measured chance level.
 
-Two label families, each scored with ``evaluation/naming.py`` (precision of a concept's top-N
+Two label families, each scored with ``naming/scores.py`` (precision of a concept's top-N
 activations per label, lift over the base rate, AUROC, a permutation p-value for the best label):
 
 * **dataset labels**, per image: those the store records (``usae extract --labels``), else the folders
   an image sits in (``animals/marsupials`` also gives ``animals``); scored on each image's largest code.
-* **pixel labels**, per token (``extraction/pixel_labels.py``): colour terms, brightness,
+* **pixel labels**, per token (``naming/pixels.py``): colour terms, brightness,
   flat / edge / textured, border / centre, foreground / background from the canonical view.
 
 Every family is also run on shuffled labels (the control must name nothing). Per concept and model
@@ -25,16 +25,14 @@ from tqdm.auto import tqdm
 
 from usae._io import check_output, write_json_atomic
 from usae.config import LabelConfig
-from usae.data.store import Store, open_store
-from usae.device import resolve_device
-from usae.errors import UsaeError
-from usae.evaluation.classes import energy_share
+from usae.data.store import Store
+from usae.evaluation.classes import USED_CLASSES, energy_share
 from usae.evaluation.naming.pixels import PixelLabels, pixel_labels, stack_pixel_labels
 from usae.evaluation.naming.scores import LabelMatrix, label_matrix, name_concepts, shuffled_control, top_n
 from usae.extraction.images import image_layout, load_source_image, reopen_cached, source_of
 from usae.extraction.labels import folder_label
 from usae.model.sae import SparseCode, UniversalSAE
-from usae.run import load, trained_store_hash
+from usae.run import open_run_store, trained_store_hash
 
 log = logging.getLogger(__name__)
 
@@ -168,11 +166,7 @@ def _family(acts: dict[str, Any], labels: LabelMatrix, cfg: LabelConfig, level: 
 def label(cfg: LabelConfig) -> dict[str, Any]:
     """Name the run's concepts on ``cfg.store``; write OUT/labels.json and OUT/names.json; return labels.json."""
     out = check_output(cfg.out or cfg.run, ("", "usae-run"), reading=(cfg.store,), replaces=False)
-    sae = load(cfg.run, device=resolve_device(cfg.device))
-    store = open_store(cfg.store)
-    missing = [n for n in sae.model_names if store.widths.get(n) != sae.cfg.widths[n]]
-    if missing:
-        raise UsaeError(f"store {store.path} lacks the run's models {missing} at the run's widths")
+    sae, store = open_run_store(cfg.run, cfg.store, cfg.device)
     layout = image_layout(store)
     log.info("naming on %s: %d images, %d rows", store.path, len(layout.image_ids), store.n_rows)
     codes = encode_codes(sae, store, cfg.batch_images, cfg.progress)
@@ -286,10 +280,7 @@ def naming_summary(labels: dict[str, Any], report: dict[str, Any], classes: list
     families = {}
     for fam, f in labels["families"].items():
         agreed = {int(k) for k, e in f["concepts"].items() if e.get("agrees")}
-        per_class = {
-            c: {"n": classes.count(c), "named": sum(classes[k] == c for k in agreed)}
-            for c in ("universal", "partial", "specific")
-        }
+        per_class = {c: {"n": classes.count(c), "named": sum(classes[k] == c for k in agreed)} for c in USED_CLASSES}
         families[fam] = {"level": f["level"], "n_items": f["n_items"], "n_labels": len(f["labels"]), "classes": per_class,
                          "agreed": f["summary"]["agreed"], "shuffled_agreed": f["shuffled"]["agreed"]}  # fmt: skip
     universal = [k for k in np.argsort(-share_s, kind="stable") if classes[k] == "universal"][:ARTIFACT_TOP]

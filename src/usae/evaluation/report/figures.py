@@ -12,15 +12,10 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from usae.evaluation.classes import USED_CLASSES, ClassThresholds, floats
+from usae.evaluation.classes import CLASSES, USED_CLASSES, ClassThresholds, floats
+from usae.evaluation.fidelity.measures import CONTROLS, headline
 
-_CLASS_COLORS = {
-    "universal": "tab:green",
-    "partial": "tab:orange",
-    "specific": "tab:blue",
-    "rare": "tab:olive",
-    "dead": "tab:gray",
-}
+_CLASS_COLORS = dict(zip(CLASSES, ("tab:green", "tab:orange", "tab:blue", "tab:olive", "tab:gray"), strict=True))
 
 
 def loglog_pearson(x_s: np.ndarray, y_s: np.ndarray) -> tuple[float, int]:
@@ -163,4 +158,39 @@ def figure_dictionary_agreement(baselines: dict[str, Any]) -> Figure:
         ax.axhline(a["threshold"], color="black", linestyle="--", linewidth=1)
         ax.set(xlabel="matched pair (sorted)", ylabel="cosine", title=f"Dictionary agreement — {name}")
         ax.legend()
+    return fig
+
+
+def figure_splice(result: dict[str, Any]) -> Figure:
+    """Two heatmaps: task fidelity (agreement for classifiers, correlation for dense heads) and loss
+    recovered; rows are the sources then the controls, columns the destinations (grey: unavailable)."""
+    names = result["models"]
+    row_labels = [f"from {n}" for n in names] + [c.replace("_", " ") for c in CONTROLS]
+    m = len(names)
+    panels = (("fidelity", "task fidelity (agreement / correlation)"), ("loss_recovered", "loss recovered"))
+    fig = Figure(figsize=(2.2 + 1.6 * m * len(panels), 1.6 + 0.45 * len(row_labels)), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        v_rm = np.full((len(row_labels), m), np.nan)
+        for c, j in enumerate(names):
+            k = headline(result, j) if key == "fidelity" else key
+            for r in range(m):
+                v = result["matrices"][k][r][c]
+                v_rm[r, c] = np.nan if v is None else v
+            for r, control in enumerate(CONTROLS, start=m):
+                v = result["controls"].get(j, {}).get(control, {}).get(k)
+                v_rm[r, c] = np.nan if v is None else v
+        ax.set_facecolor("0.85")
+        image = ax.imshow(np.ma.masked_invalid(v_rm), vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+        for (r, c), v in np.ndenumerate(v_rm):
+            text = "n/a" if np.isnan(v) else f"{v:.2f}"
+            ax.text(c, r, text, ha="center", va="center", color="black" if np.isnan(v) or v >= 0.6 else "white")
+        ax.axhline(m - 0.5, color="white", linewidth=3)
+        labels = [f"{j}\n({result['task'].get(j) or 'unavailable'})" for j in names]
+        ax.set_xticks(range(m), labels)
+        ax.set_yticks(range(len(row_labels)), row_labels)
+        ax.set(xlabel="spliced into (destination)", title=title)
+        fig.colorbar(image, ax=ax, shrink=0.8)
+    fig.suptitle(f"Splicing reconstructions back into each model ({result['n_images']} images)")
     return fig

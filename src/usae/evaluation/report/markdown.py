@@ -25,7 +25,7 @@ from usae.evaluation.classes import (
     thresholds_of,
     top_concepts,
 )
-from usae.evaluation.fidelity.splice import figure_splice, splice_table
+from usae.evaluation.fidelity.splice import splice_table
 from usae.evaluation.report.figures import (
     figure_classes,
     figure_cofire_energy,
@@ -35,9 +35,11 @@ from usae.evaluation.report.figures import (
     figure_firing_entropy,
     figure_matching,
     figure_r2,
+    figure_splice,
     loglog_pearson,
 )
 from usae.evaluation.report.templating import environment
+from usae.model.metrics import self_cross_means
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +68,7 @@ def _store_context(report: dict[str, Any], label: str, thresholds: ClassThreshol
     classes = class_counts(report, labels, thresholds)
     counts = {f"count_{c}": classes["total"][c] for c in CLASSES}
     r2_paper = report.get("r2_matrix_paper")  # absent from reports written before it existed
-    r2_self_paper = float(np.mean([r2_paper[i][i] for i in range(len(r2_paper))])) if r2_paper else None
+    r2_self_paper = self_cross_means(r2_paper)[0] if r2_paper else None
     return {
         **report,
         **counts,
@@ -90,6 +92,31 @@ _SUMMARY_ROWS = [
 ]
 
 
+def _figures(
+    reports: list[dict[str, Any]],
+    labels: list[str],
+    stores: list[dict[str, Any]],
+    thresholds: ClassThresholds,
+    splice: dict[str, Any] | None,
+    baselines: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The report's figures by file stem (report.md.j2 links each ``<stem>.png``)."""
+    figures = {
+        "r2_matrix": figure_r2(reports, labels),
+        "firing_entropy": figure_firing_entropy(reports, labels, thresholds),
+        "cofire_rank": figure_cofire_rank(reports, labels),
+        "cofire_energy": figure_cofire_energy(reports, labels),
+        "dead_l0": figure_dead_l0(reports, labels),
+        "classes": figure_classes([s["classes"] for s in stores], labels),
+    }
+    if splice is not None:
+        figures["splice"] = figure_splice(splice)
+    if baselines is not None:
+        figures["matching"] = figure_matching(baselines)
+        figures["dictionary_agreement"] = figure_dictionary_agreement(baselines)
+    return figures
+
+
 def write_report(
     report: dict[str, Any] | list[dict[str, Any]],
     out_dir: str | Path,
@@ -104,8 +131,8 @@ def write_report(
 
     ``report``: one ``evaluate`` report, or several of the same run on different stores (shown
     side by side, in the given order). ``splice``: ``splice``'s result (RUN/splice.json), rendered
-    as the task-fidelity section. ``naming``: ``labeling.naming_summary`` of RUN/labels.json (the
-    concept-names section). ``baselines``: ``run_baselines``' result (RUN/baselines.json),
+    as the task-fidelity section. ``naming``: ``naming.label.naming_summary`` of RUN/labels.json (the
+    concept-names section). ``baselines``: ``baseline``'s result (RUN/baselines.json),
     rendered as its own section. ``thresholds`` default to those the first report records, else
     ``ClassThresholds()``; classes are recomputed from the fire counts with them.
     """
@@ -121,19 +148,7 @@ def write_report(
     out_dir.mkdir(parents=True, exist_ok=True)
     labels = store_labels(reports)
     stores = [_store_context(r, lb, thresholds, n_top) for r, lb in zip(reports, labels, strict=True)]
-    figures = {
-        "r2_matrix": figure_r2(reports, labels),
-        "firing_entropy": figure_firing_entropy(reports, labels, thresholds),
-        "cofire_rank": figure_cofire_rank(reports, labels),
-        "cofire_energy": figure_cofire_energy(reports, labels),
-        "dead_l0": figure_dead_l0(reports, labels),
-        "classes": figure_classes([s["classes"] for s in stores], labels),
-    }
-    if splice is not None:
-        figures["splice"] = figure_splice(splice)
-    if baselines is not None:
-        figures["matching"] = figure_matching(baselines)
-        figures["dictionary_agreement"] = figure_dictionary_agreement(baselines)
+    figures = _figures(reports, labels, stores, thresholds, splice, baselines)
     for stem, fig in figures.items():
         save_figure(fig, out_dir / f"{stem}.png")
     text = (
@@ -142,7 +157,7 @@ def write_report(
         .render(
             names=names,
             stores=stores,
-            thresholds=thresholds._asdict(),
+            thresholds=thresholds.to_dict(),
             classes=CLASSES,
             used_classes=USED_CLASSES,
             summary_rows=_SUMMARY_ROWS,

@@ -25,6 +25,7 @@ from usae.config import (
     ExploreConfig,
     ExportConfig,
     ExtractConfig,
+    FrontierConfig,
     ImportOfficialConfig,
     LabelConfig,
     MaximizeConfig,
@@ -40,10 +41,11 @@ log = logging.getLogger("usae")
 # command -> (config dataclass: the flags, --help and saved config; "module:function" taking it)
 COMMANDS: dict[str, tuple[type, str]] = {
     "synth": (SynthConfig, "usae.data.synth:synth_command"),
-    "train": (TrainConfig, "usae.training.fit:train_command"),
+    "train": (TrainConfig, "usae.training.summary:train_command"),
     "evaluate": (EvalConfig, "usae.evaluation.evaluate:evaluate_command"),
     "baseline": (BaselineConfig, "usae.experiments.baseline:baseline_command"),
     "ablate": (AblateConfig, "usae.experiments.ablate:ablate_command"),
+    "frontier": (FrontierConfig, "usae.experiments.frontier:frontier_command"),
     "extract": (ExtractConfig, "usae.extraction.extract:extract_command"),
     "demo": (DemoConfig, "usae.demo:demo_command"),
     "label": (LabelConfig, "usae.evaluation.naming.label:label_command"),

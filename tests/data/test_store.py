@@ -99,6 +99,54 @@ def test_streaming_stats_match_numpy(tmp_path: Path, dtype: str) -> None:
     assert stats.scalar_mean == pytest.approx(stored_bd.mean(), rel=1e-9)
 
 
+def test_gamma_is_the_norm_of_the_means_over_the_norm_of_the_stds(tmp_path: Path) -> None:
+    """A store built with known per-dimension means and stds (exactly, by standardising the noise)."""
+    rng = np.random.default_rng(2)
+    z = rng.normal(size=(400, 4))
+    z = (z - z.mean(0)) / z.std(0)  # each column: mean 0, population std 1, exactly
+    mean_d, std_d = np.array([3.0, -4.0, 0.0, 12.0]), np.array([1.0, 2.0, 0.5, 0.25])
+    store = _write(tmp_path / "s", {"a": mean_d + z * std_d})
+    want = np.linalg.norm(mean_d) / np.linalg.norm(std_d)  # 13 / sqrt(5.3125)
+    assert store.stats("a").gamma == pytest.approx(want, rel=1e-5)
+    assert store.metadata["stats"]["a"]["gamma"] == pytest.approx(want, rel=1e-5)  # recorded for other readers
+    # a store written before γ existed: computed on read from the recorded mean and var
+    meta_path = tmp_path / "s" / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["stats"]["a"]["gamma"]
+    meta_path.write_text(json.dumps(meta))
+    assert open_store(tmp_path / "s").stats("a").gamma == pytest.approx(want, rel=1e-5)
+    constant = _write(tmp_path / "c", {"a": np.ones((5, 2))})  # no spread: γ is infinite, null in JSON
+    assert constant.stats("a").gamma == float("inf") and constant.metadata["stats"]["a"]["gamma"] is None
+
+
+def test_token_positions_round_trip_and_are_checked(tmp_path: Path) -> None:
+    x = {"a": np.arange(12, dtype=np.float32).reshape(6, 2)}
+    pos = np.array([[0, 3], [1, 2], [2, 3]])
+    layout = dict(image_ids=["i0", "i1", "i2"], tokens_per_image=2, grid=(2, 2))
+    store = _write(tmp_path / "s", x, positions=pos, **layout)
+    assert store.metadata["schema_version"] == 2 and store.subsampled and np.array_equal(store.positions, pos)
+    assert store.positions.dtype == np.int64 and (tmp_path / "s" / "token_positions.npy").is_file()
+    store.verify()
+    plain = _write(tmp_path / "p", {"a": np.zeros((8, 2))}, image_ids=["i0", "i1"], tokens_per_image=4, grid=(2, 2))
+    assert plain.metadata["schema_version"] == 1 and plain.positions is None and "token_positions" not in plain.metadata
+    bad = [
+        (pos[:, ::-1], "not strictly increasing"),
+        (pos + 2, "outside the grid"),
+        (pos[:2], "must be ints of shape"),
+        (pos.astype(float), "must be ints of shape"),
+    ]
+    for i, (wrong, message) in enumerate(bad):
+        with pytest.raises(UsaeError, match=message):
+            _write(tmp_path / f"b{i}", x, positions=wrong, **layout)
+    with pytest.raises(UsaeError, match="fewer than the grid's 4 tokens"):
+        _write(tmp_path / "full", {"a": np.zeros((8, 2))}, positions=np.tile(np.arange(4), (2, 1)),
+               image_ids=["i0", "i1"], tokens_per_image=4, grid=(2, 2))  # fmt: skip
+    with pytest.raises(UsaeError, match="token positions need image_ids"):
+        _write(tmp_path / "noids", x, positions=pos, tokens_per_image=2, grid=(2, 2))
+    with pytest.raises(UsaeError, match="not a safe directory name"):
+        _write(tmp_path / "clash", {"token_positions.npy": np.zeros((2, 2))})
+
+
 def test_hash_deterministic_and_content_sensitive(tmp_path: Path) -> None:
     x = _arrays()
     h1 = _write(tmp_path / "a", x).hash
@@ -139,6 +187,18 @@ def test_docs_reader_snippet_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     exec(snippet, namespace)
     np.testing.assert_array_equal(namespace["x"], x["vit"])
     np.testing.assert_array_equal(namespace["rows"]("clip.b-16", 4, 11), x["clip.b-16"][4:11])
+    assert "positions" not in namespace  # no image layout
+    layouts = {
+        "full": dict(image_ids=["p", "q"], tokens_per_image=4, grid=(2, 2)),
+        "sub": dict(image_ids=["p", "q", "r"], tokens_per_image=2, grid=(2, 2), positions=[[0, 1], [1, 3], [0, 2]]),
+    }
+    for name, layout in layouts.items():
+        store = _write(tmp_path / name / "STORE", {"a": np.zeros((6 if name == "sub" else 8, 2))}, **layout)
+        monkeypatch.chdir(store.path.parent)
+        namespace = {}
+        exec(snippet, namespace)
+        want = store.positions if store.subsampled else np.tile(np.arange(4), (2, 1))
+        np.testing.assert_array_equal(namespace["positions"], want)
 
 
 def test_rows_take_iter_batches_agree_with_numpy(tmp_path: Path) -> None:
@@ -280,7 +340,8 @@ def test_refuses_bad_metadata(tmp_path: Path) -> None:
     with pytest.raises(UsaeError, match=f"{meta_path}: unreadable"):
         open_store(tmp_path / "s")
     cases = [
-        ({"schema_version": 2}, "unknown schema_version 2"),
+        ({"schema_version": 3}, "unknown schema_version 3"),
+        ({"schema_version": 2}, "token positions need image_ids"),
         ({"format": "saev"}, "field 'format' is 'saev'"),
         ({"n_rows": 26}, "field 'n_shards' 5 does not fit"),
         ({"dtype": "int8"}, "field 'dtype'"),

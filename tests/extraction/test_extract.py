@@ -157,9 +157,10 @@ def test_resume_after_simulated_crash_equals_clean_run(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow  # three `usae extract` processes (one killed): ~15 s of process start-up on 2 cores
-def test_kill_9_during_extraction_then_rerun_completes_identically(tmp_path):
+@pytest.mark.parametrize("sampling", [[], ["--tokens-per-image", "7", "--token-seed", "5"]], ids=["all", "subsampled"])
+def test_kill_9_during_extraction_then_rerun_completes_identically(tmp_path, sampling):
     _write_images(tmp_path / "imgs", 60, size=(96, 80))
-    args = ["--images", str(tmp_path / "imgs"), "--models", *FAKES, "--device", "cpu"]
+    args = ["--images", str(tmp_path / "imgs"), "--models", *FAKES, "--device", "cpu", *sampling]
     args += ["--images-per-part", "2", "--batch-size", "2", "--decode-threads", "1"]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "usae", "extract", *args]
@@ -175,7 +176,8 @@ def test_kill_9_during_extraction_then_rerun_completes_identically(tmp_path):
     assert not (killed / "metadata.json").exists()
     subprocess.run([*cmd, "--out", str(killed)], check=True, env=env, capture_output=True, timeout=300)
     a, b = (json.loads((p / "metadata.json").read_text()) for p in (tmp_path / "clean", killed))
-    assert a["hash"] == b["hash"] and a["stats"] == b["stats"]
+    assert a["hash"] == b["hash"] and a["stats"] == b["stats"] and a.get("token_positions") == b.get("token_positions")
+    assert a["tokens_per_image"] == (7 if sampling else 64)
     assert not parts.exists()
 
 

@@ -8,7 +8,7 @@ import torch
 import usae.training.fit as train_mod
 import usae.training.resume as resume_mod
 from usae.config import TrainConfig
-from usae.data.store import write_store
+from usae.data.store import open_store, write_store
 from usae.data.synth import make_world, recovery
 from usae.errors import UsaeError
 from usae.run import load
@@ -104,7 +104,7 @@ def _one_step(store, out, rule):
     cfg = cfg_for(store, out, steps=1, rule=rule, seed=0, init="random", grad_clip=None)
     names = ["a", "b", "c"]
     src = sources_at(0, 0, names, rule)[0]
-    before = train_mod.build_sae(cfg, train_mod.open_store(store), names, torch.device("cpu")).state_dict()
+    before = train_mod.build_sae(cfg, open_store(store), names, torch.device("cpu")).state_dict()
     after = fit(cfg).sae.state_dict()
     # renormalising unit rows may move the last bit; a real step moves far more than 1e-6
     return src, {k: not torch.allclose(before[k], after[k], atol=1e-6, rtol=0) for k in before}

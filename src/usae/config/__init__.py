@@ -7,7 +7,7 @@ and ``usae --help`` starts without torch.
 from usae.config.convert import from_json_dict, refuse_invalid, to_json_dict
 from usae.config.data import EncodeConfig, SynthConfig, VerifyConfig
 from usae.config.evaluate import ClassThresholds, EvalConfig, LabelConfig, SpliceConfig
-from usae.config.experiments import AblateConfig, BaselineConfig, DemoConfig
+from usae.config.experiments import AblateConfig, BaselineConfig, DemoConfig, FrontierConfig
 from usae.config.explore import ExploreConfig, MaximizeConfig
 from usae.config.extract import ExtractConfig
 from usae.config.interop import ExportConfig, ImportOfficialConfig
@@ -26,6 +26,7 @@ __all__ = [
     "ExploreConfig",
     "ExportConfig",
     "ExtractConfig",
+    "FrontierConfig",
     "ImportOfficialConfig",
     "LabelConfig",
     "SpliceConfig",

@@ -1,4 +1,4 @@
-"""The configs of studies that train and evaluate: `usae ablate`, `usae baseline`, `usae demo`.
+"""The configs of studies that train and evaluate: `usae ablate`, `usae baseline`, `usae frontier`, `usae demo`.
 
 Each dataclass is a subcommand of ``usae``; its field docstrings become ``--help``.
 """
@@ -134,3 +134,59 @@ class DemoConfig:
     """Seed for training (and the synthetic world)."""
     device: str = "auto"
     """'auto', 'cpu', 'cuda'."""
+
+
+@dataclass(frozen=True)
+class FrontierConfig:
+    """Interpretability against fidelity: for each (k, n_latents) train a universal SAE and independent
+    per-model SAEs, score them and a random dictionary on held-out rows; write a table and figures."""
+
+    store: tyro.conf.Positional[Path]
+    """Paired activation store to train on (from `usae extract` or `usae synth`)."""
+    val: Path | None = None
+    """Held-out store to measure on (default: the store's held-out twin from `usae extract --val-fraction`,
+    else the training store itself, said in a warning)."""
+    out: Path = Path("frontier")
+    """Directory for the points (OUT/points/s<n_latents>-k<k>/) and OUT/frontier.{json,csv,md} + figures."""
+    k: tuple[int, ...] = (4, 8, 16, 32)
+    """Active latents per row (one grid axis)."""
+    n_latents: tuple[int, ...] = (512, 2048, 8192)
+    """Dictionary sizes (the other grid axis)."""
+    steps: int = 1000
+    """Training steps of every SAE (universal and independent: the same budget)."""
+    batch_size: int = 1024
+    """Rows per step."""
+    seed: int = 0
+    """Seed of every run and of the random dictionary."""
+    independent: bool = True
+    """Also train one independent SAE per model at each point (same size, k and budget)."""
+    random_dictionary: bool = True
+    """Also score a random dictionary at each point (unit-norm random rows, encoder = decoder
+    transpose, the same TopK and normalisation): what naming and fidelity give without training."""
+    random_models: tuple[str, ...] | None = None
+    """Models that are random backbones, reported against the real ones (default: those the store
+    records as extracted from `fake:` specs)."""
+    max_eval_rows: int | None = None
+    """Measure R², classes and dead share on at most this many held-out rows."""
+    splice_images: int | None = 32
+    """Held-out images spliced back per dictionary (task fidelity, where a backbone splices; None: all)."""
+    label: bool = True
+    """Name the concepts (`usae label`'s dataset and pixel labels, where the store records images)."""
+    n_perm: int = 5000
+    """Label permutations behind each naming p-value (the chance level)."""
+    device: str = "auto"
+    """'auto', 'cpu', 'cuda'."""
+    progress: bool = True
+    """Show progress bars."""
+
+    def __post_init__(self) -> None:
+        checks = {
+            "k": len(self.k) >= 1 and min(self.k) >= 1,
+            "n_latents": len(self.n_latents) >= 1 and min(self.n_latents) >= 1,
+            "steps": self.steps >= 1,
+            "batch_size": self.batch_size >= 1,
+            "max_eval_rows": self.max_eval_rows is None or self.max_eval_rows >= 1,
+            "splice_images": self.splice_images is None or self.splice_images >= 1,
+            "n_perm": self.n_perm >= 1,
+        }
+        refuse_invalid("frontier config", self, checks)

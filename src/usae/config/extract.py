@@ -34,6 +34,16 @@ class ExtractConfig:
     """Images per forward pass."""
     max_images: int | None = None
     """Use at most this many images, spread evenly over the sorted source."""
+    tokens_per_image: int | None = None
+    """Keep only this many tokens of each image's grid, drawn per image from (--token-seed, image id)
+    and the same for every model, so rows stay paired; their grid positions are recorded in the
+    store (token_positions.npy). Default (or N >= the grid's tokens): every token."""
+    max_rows: int | None = None
+    """Row budget (train and held-out stores together): with --tokens-per-image N, at most
+    max_rows // N images (spread evenly); without it, every image with max_rows // n_images tokens
+    each (one token from max_rows images when fewer than one per image fits)."""
+    token_seed: int = 0
+    """Seed of the token draw of --tokens-per-image / --max-rows."""
     images_per_part: int = 256
     """Images per resumable unit of work (an interrupted run redoes at most one part)."""
     dtype: Literal["float16", "float32"] = "float16"
@@ -73,6 +83,8 @@ class ExtractConfig:
             "grid": self.grid is None or self.grid >= 1,
             "view_size": self.view_size is None or self.view_size >= 1,
             "max_images": self.max_images is None or self.max_images >= 1,
+            "tokens_per_image": self.tokens_per_image is None or self.tokens_per_image >= 1,
+            "max_rows": self.max_rows is None or self.max_rows >= 1,
             "val_fraction": 0.0 <= self.val_fraction < 1.0,
         }
         refuse_invalid("extract config", self, checks)

@@ -107,6 +107,7 @@ class DataConfig:
     """'auto' (cuda if present), 'cpu', 'cuda', 'cuda:1', ..."""
 
     def __post_init__(self) -> None:
+        _as_paths(self, "store")
         checks = {
             "steps": self.steps >= 1,
             "batch_size": self.batch_size >= 1,
@@ -141,6 +142,7 @@ class ArchConfig:
     encoders and decoders are fit (the store must hold the run's models, paired, plus the new ones)."""
 
     def __post_init__(self) -> None:
+        _as_paths(self, "extend")
         refuse_invalid("train config", self, {"n_latents": self.n_latents >= 1})
         if not 1 <= self.k <= self.n_latents:
             raise UsaeError(f"train config: k must be in [1, n_latents={self.n_latents}], got {self.k}")
@@ -192,8 +194,13 @@ class OptimConfig:
     changes near-ties at the k-th place. Default: bfloat16 where the device multiplies it natively
     (CUDA sm80+, CPUs with AVX512-BF16 or AMX; 3-4x faster than float32 there), else float32."""
 
+    patience: int = 0
+    """Stop early after this many held-out validations (--val-every) without a lower held-out loss
+    (0: train every step). Needs a store with a held-out twin (usae extract --val-fraction)."""
+
     def __post_init__(self) -> None:
         checks = {
+            "patience": self.patience >= 0,
             "dead_after_tokens": self.dead_after_tokens >= 1,
             "lr": self.lr is None or self.lr > 0,
             "warmup_steps": self.warmup_steps is None or self.warmup_steps >= 0,
@@ -229,8 +236,30 @@ class OutputConfig:
     or an API key is found), 'tensorboard' (event files under RUN/tensorboard/). Needs
     pip install 'usae[tracking]'. Under torchrun, spell it --trackers."""
 
+    val_every: int | None = None
+    """Measure held-out loss and self/cross R² every N steps and at the last (into metrics.jsonl as
+    val/..., the progress bar and the trackers) and keep the best model in RUN/best/. Needs the
+    store's held-out twin (usae extract --val-fraction). Default: max(--log-every, steps // 20) when
+    the twin exists, else 0 (off)."""
+    val_rows: int = 8192
+    """Held-out rows each validation reads (the twin's first N; read once, kept in memory)."""
+
     def __post_init__(self) -> None:
-        refuse_invalid("train config", self, {"log_every": self.log_every >= 1, "save_every": self.save_every >= 0})
+        _as_paths(self, "out")
+        checks = {
+            "log_every": self.log_every >= 1,
+            "save_every": self.save_every >= 0,
+            "val_every": self.val_every is None or self.val_every >= 0,
+            "val_rows": self.val_rows >= 1,
+        }
+        refuse_invalid("train config", self, checks)
+
+
+def _as_paths(group: Any, *names: str) -> None:
+    """Path fields given as strings in Python (``TrainConfig(out="run")``) become Paths."""
+    for name in names:
+        if isinstance(getattr(group, name), str):
+            object.__setattr__(group, name, Path(getattr(group, name)))
 
 
 _GROUPS = {"data": DataConfig, "arch": ArchConfig, "optim": OptimConfig, "io": OutputConfig}

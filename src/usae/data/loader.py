@@ -123,8 +123,13 @@ class Loader:
         self.store, self.names, self.order, self.device = store, names, order, device
         self.rank, self.world = rank, world
         self.pin = device.type == "cuda"
-        self._pool = ThreadPoolExecutor(max_workers=1)
+        self._pool = ThreadPoolExecutor(max_workers=1)  # fills windows
         self._buffers: OrderedDict[Window, Future] = OrderedDict()
+        # Assembles batch step+1 while step trains (9 ms a step on the critical path otherwise, on
+        # the synthetic world of docs/training.md). One thread: batches are made one at a time, in
+        # order, so the window cache and DataOrder are only ever touched from it.
+        self._batcher = ThreadPoolExecutor(max_workers=1)
+        self._next: tuple[int, Future] | None = None
 
     def _fill(self, window: Window) -> _Buffer:
         chunks = self.order.chunks(window)
@@ -160,18 +165,31 @@ class Loader:
         return self._buffers[window].result()
 
     def get(self, step: int) -> dict[str, Tensor]:
-        """This rank's rows of batch ``step``: model -> (b_rank, d) float32 on the device."""
+        """This rank's rows of batch ``step``: model -> (b_rank, d) float32 on the device.
+
+        Batch ``step + 1`` is then assembled in the background (the usual next call); any other
+        step is assembled on demand, so the rows of a step never depend on the order of calls.
+        """
+        ahead = self._next
+        use_ahead = ahead is not None and ahead[0] == step
+        batch = ahead[1] if use_ahead else self._batcher.submit(self._assemble, step)
+        self._next = (step + 1, self._batcher.submit(self._assemble, step + 1))
+        return {n: t.to(self.device, non_blocking=True) for n, t in batch.result().items()}
+
+    def _assemble(self, step: int) -> dict[str, Tensor]:
+        """Batch ``step`` on the host: model -> (b_rank, d) contiguous float32 (pinned for CUDA)."""
         parts: dict[str, list[np.ndarray]] = {n: [] for n in self.names}
         for seg in self.order.segments(step):
             buf = self._buffer(seg.window)
             local = buf.local[self.order.buffer_order(seg.window)[seg.positions]]
-            local = np.sort(local[local >= 0])
+            local = np.sort(local[local >= 0])  # in storage order: the gather reads forwards
             for n in self.names:
                 parts[n].append(buf.x[n][local])
         batch = {n: torch.from_numpy(np.concatenate(p).astype(np.float32, copy=False)) for n, p in parts.items()}
         if self.pin:
             batch = {n: t.pin_memory() for n, t in batch.items()}
-        return {n: t.to(self.device, non_blocking=True) for n, t in batch.items()}
+        return batch
 
     def close(self) -> None:
+        self._batcher.shutdown(wait=True, cancel_futures=True)
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -5,6 +5,7 @@ On disk (specified byte for byte in ``docs/store.md``)::
     STORE/
       metadata.json
       <model>/shard-00000.npy, shard-00001.npy, ...   # (rows, d) float16/float32, C order
+      token_positions.npy                             # only in a token-subsampled store (schema 2)
 
 This module reads a store (memory-mapped, validated, verifiable); store_writer.py writes one and
 store_format.py holds what both share.
@@ -31,11 +32,16 @@ from usae.data.store_format import (
     HEX64_RE,
     METADATA_NAME,
     PARTIAL_SUFFIX,
-    SCHEMA_VERSION,
+    POSITIONS_DTYPE,
+    POSITIONS_NAME,
+    SCHEMA_SUBSAMPLED,
+    SCHEMA_VERSIONS,
     ModelStats,
     check_layout,
     check_model,
+    check_positions,
     content_hash,
+    gamma_of,
     is_int,
     is_number,
     shard_name,
@@ -78,10 +84,25 @@ def _load_metadata(store_dir: Path) -> dict[str, Any]:
     if meta.get("format") != FORMAT:
         raise UsaeError(f"{meta_path}: field 'format' is {meta.get('format')!r}, expected {FORMAT!r}")
     version = _get(meta, "schema_version", int, meta_path)
-    if version != SCHEMA_VERSION:
-        raise UsaeError(f"{meta_path}: unknown schema_version {version} (this usae reads {SCHEMA_VERSION})")
+    if version not in SCHEMA_VERSIONS:
+        readable = " and ".join(map(str, SCHEMA_VERSIONS))
+        raise UsaeError(f"{meta_path}: unknown schema_version {version} (this usae reads {readable})")
     _check_fields(meta, meta_path)
     return meta
+
+
+def _positions_field(meta: dict[str, Any], where: Path) -> dict[str, Any] | None:
+    """The ``token_positions`` object of a schema-2 store (None in schema 1, where the key means nothing)."""
+    if meta["schema_version"] != SCHEMA_SUBSAMPLED:
+        return None
+    field = _get(meta, "token_positions", dict, where)
+    shape = field.get("shape")
+    ok = field.get("file") == POSITIONS_NAME and isinstance(field.get("sha256"), str)
+    if not (ok and HEX64_RE.fullmatch(field["sha256"]) and isinstance(shape, list) and len(shape) == 2):
+        raise UsaeError(f"{where}: field 'token_positions' must be {{file: {POSITIONS_NAME!r}, shape, sha256}}")
+    if shape != [len(meta["image_ids"]), meta["tokens_per_image"]]:
+        raise UsaeError(f"{where}: field 'token_positions' has shape {shape}, expected [images, tokens_per_image]")
+    return field
 
 
 def _check_fields(meta: dict[str, Any], where: Path) -> None:
@@ -102,7 +123,9 @@ def _check_fields(meta: dict[str, Any], where: Path) -> None:
     if _get(meta, "n_shards", int, where) != math.ceil(n_rows / rows_per_shard):
         raise UsaeError(f"{where}: field 'n_shards' {meta['n_shards']} does not fit n_rows and rows_per_shard")
     tokens, grid = meta.get("tokens_per_image"), meta.get("grid")
-    check_layout(meta.get("image_ids"), tokens, grid, n_rows, str(where))
+    subsampled = meta["schema_version"] == SCHEMA_SUBSAMPLED
+    check_layout(meta.get("image_ids"), tokens, grid, n_rows, str(where), subsampled)
+    _positions_field(meta, where)
     if not HEX64_RE.fullmatch(_get(meta, "hash", str, where)):
         raise UsaeError(f"{where}: field 'hash' is not a sha256 hex digest")
     if not isinstance(meta.get("extra", {}), dict):
@@ -111,6 +134,7 @@ def _check_fields(meta: dict[str, Any], where: Path) -> None:
     for model in models:
         s = stats.get(model["name"])
         ok = isinstance(s, dict) and all(is_number(s.get(k)) for k in ("std", "scalar_mean"))
+        ok = ok and (s.get("gamma") is None or is_number(s["gamma"]))  # optional: stores before γ lack it
         if not ok or not all(
             isinstance(s.get(k), list) and len(s[k]) == model["width"] and all(is_number(v) for v in s[k])
             for k in ("mean", "var")
@@ -118,10 +142,10 @@ def _check_fields(meta: dict[str, Any], where: Path) -> None:
             raise UsaeError(f"{where}: field 'stats' entry for model {model['name']!r} is missing or malformed")
 
 
-def _check_shard(path: Path, n_rows: int, d: int, dtype: np.dtype) -> None:
-    """Check a shard's .npy header and file size without reading its data."""
+def _check_shard(path: Path, n_rows: int, d: int, dtype: np.dtype, what: str = "shard") -> None:
+    """Check a shard's (or another (rows, d) array's) .npy header and file size without reading its data."""
     if path.exists():  # a missing one is reported below
-        regular_file(path, "shard")
+        regular_file(path, what)
     try:
         size = path.stat().st_size
         with path.open("rb") as f:
@@ -137,7 +161,7 @@ def _check_shard(path: Path, n_rows: int, d: int, dtype: np.dtype) -> None:
     except UsaeError:
         raise  # UsaeError is a ValueError; keep it from being re-wrapped below
     except FileNotFoundError:
-        raise UsaeError(f"{path}: shard missing (listed by {METADATA_NAME})") from None
+        raise UsaeError(f"{path}: {what} missing (listed by {METADATA_NAME})") from None
     except Exception as e:  # numpy's header parser on damaged bytes also raises SyntaxError, TokenError, ...
         raise UsaeError(f"{path}: not a readable .npy file ({e.__class__.__name__}: {one_line(e)[:160]})") from None
     if shape != (n_rows, d) or fortran_order or file_dtype != dtype:
@@ -169,6 +193,9 @@ class Store:
         self.tokens_per_image: int | None = meta.get("tokens_per_image")
         self.grid: tuple[int, int] | None = tuple(meta["grid"]) if meta.get("grid") else None
         self.extra: dict[str, Any] = meta.get("extra", {})
+        self.subsampled: bool = _positions_field(meta, self.path / METADATA_NAME) is not None
+        """Only some tokens of each image are stored (``usae extract --tokens-per-image``); see ``positions``."""
+        self._positions: np.ndarray | None = None
         self._mmaps: dict[tuple[str, int], np.ndarray] = {}
         self._check_shards()
         if verify:
@@ -190,6 +217,22 @@ class Store:
             stray = sorted(p.name for p in (self.path / name).glob("shard-*.npy") if p.name not in expected)
             if stray:
                 raise UsaeError(f"{self.path / name / stray[0]}: not listed by {METADATA_NAME} (n_rows {self.n_rows})")
+        if self.subsampled:
+            n_images, t = len(self.image_ids or ()), int(self.tokens_per_image or 0)
+            _check_shard(self.path / POSITIONS_NAME, n_images, t, POSITIONS_DTYPE, "token positions")
+
+    @property
+    def positions(self) -> np.ndarray | None:
+        """(images, tokens_per_image) int64: the grid token (row-major) of each row, or None.
+
+        Row ``j * tokens_per_image + k`` is token ``positions[j, k]`` of image ``j``; each image's
+        positions increase. None when every token of the grid is stored (then row ``j * t + k`` is token k).
+        """
+        if self.subsampled and self._positions is None:
+            raw = np.load(self.path / POSITIONS_NAME, allow_pickle=False)
+            where = str(self.path / POSITIONS_NAME)
+            self._positions = check_positions(raw, len(self.image_ids or ()), self.tokens_per_image, self.grid, where)
+        return self._positions
 
     def _shard(self, name: str, index: int) -> np.ndarray:
         """Memory map of one shard, opened on first use and cached."""
@@ -227,7 +270,9 @@ class Store:
         self._width(name)
         s = self.metadata["stats"][name]
         mean_d, var_d = np.asarray(s["mean"], np.float32), np.asarray(s["var"], np.float32)
-        return ModelStats(mean_d, var_d, float(s["std"]), float(s["scalar_mean"]))
+        gamma = s.get("gamma")  # recorded since γ exists; computed for older stores (and inf/NaN, null in JSON)
+        gamma = float(gamma) if gamma is not None else gamma_of(s["mean"], s["var"])
+        return ModelStats(mean_d, var_d, float(s["std"]), float(s["scalar_mean"]), gamma)
 
     def rows(self, name: str, start: int, stop: int, dtype: Any = np.float32) -> np.ndarray:
         """Rows [start, stop) of model ``name`` as a (stop - start, d) copy (``dtype=None``: the store's)."""
@@ -304,6 +349,10 @@ class Store:
                 if i < len(recorded) and recorded[i] != sha.hexdigest():
                     raise UsaeError(f"{self._shard_path(name, i)}: contents changed since writing (sha256 mismatch)")
             digests.append((name, d, model_sha.hexdigest()))
+        if self.subsampled:
+            raw = np.load(self.path / POSITIONS_NAME, mmap_mode="r", allow_pickle=False)
+            if hashlib.sha256(np.ascontiguousarray(raw)).hexdigest() != self.metadata["token_positions"]["sha256"]:
+                raise UsaeError(f"{self.path / POSITIONS_NAME}: contents changed since writing (sha256 mismatch)")
         if content_hash(self.metadata["dtype"], self.n_rows, digests) != self.hash:
             raise UsaeError(f"{self.path / METADATA_NAME}: field 'hash' does not match the shard contents")
 

@@ -19,7 +19,14 @@ from usae.errors import UsaeError
 
 FORMAT = "usae-store"
 SCHEMA_VERSION = 1
+"""The schema of a store that holds every token of its images (and of stores without images)."""
+SCHEMA_SUBSAMPLED = 2
+"""The schema of a token-subsampled store (``usae extract --tokens-per-image``): schema 1 plus
+``token_positions``. A schema-1 reader refuses it instead of misreading rows as whole grids."""
+SCHEMA_VERSIONS = (SCHEMA_VERSION, SCHEMA_SUBSAMPLED)
 METADATA_NAME = "metadata.json"
+POSITIONS_NAME = "token_positions.npy"
+POSITIONS_DTYPE = np.dtype("<i4")
 PARTIAL_SUFFIX = ".partial"
 DTYPES = ("float16", "float32")
 StoreDtype = Literal["float16", "float32"]
@@ -51,6 +58,21 @@ class ModelStats(NamedTuple):
     var: np.ndarray  # (d,) float32, per-dimension population variance
     std: float  # sqrt(mean(var)): RMS deviation of an element around its dimension's mean
     scalar_mean: float  # mean over all n_rows * d elements
+    gamma: float  # ‖mean‖ / ‖sqrt(var)‖ over dimensions (see gamma_of); inf when no dimension varies
+
+
+def gamma_of(mean_d: Any, var_d: Any) -> float:
+    """γ = ‖μ‖₂ / ‖σ‖₂ of a layer: the per-dimension mean vector against the per-dimension std vector.
+
+    Large γ means the activations sit far from the origin compared with their spread (per-dimension
+    outliers), which predicts dead latents (arXiv 2605.31518). Computed in float64; ``inf`` when no
+    dimension varies but the mean is not 0, ``nan`` when both are 0.
+    """
+    mean_d, var_d = np.asarray(mean_d, np.float64), np.asarray(var_d, np.float64)
+    num, den = float(np.linalg.norm(mean_d)), float(np.sqrt(np.maximum(var_d, 0.0).sum()))
+    if den > 0:
+        return num / den
+    return math.inf if num > 0 else math.nan
 
 
 class RunningStats:
@@ -85,7 +107,13 @@ class RunningStats:
             "var": var_d.tolist(),
             "std": float(np.sqrt(var_d.mean())),
             "scalar_mean": float(self.mean_d.mean()),
+            "gamma": _json_number(gamma_of(self.mean_d, var_d)),
         }
+
+
+def _json_number(value: float) -> float | None:
+    """JSON has no inf or NaN: those are written as null."""
+    return value if math.isfinite(value) else None
 
 
 def is_int(value: Any) -> bool:
@@ -98,7 +126,7 @@ def is_number(value: Any) -> bool:
 
 def check_model(name: Any, width: Any, where: str, seen_lower: set[str]) -> None:
     """Model names become directory names, so they must be safe and unique even ignoring case."""
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name == METADATA_NAME:
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name in (METADATA_NAME, POSITIONS_NAME):
         raise UsaeError(
             f"{where}: model name {name!r} is not a safe directory name "
             "(letters, digits, '_', '.', '-', starting with a letter or digit)"
@@ -110,8 +138,16 @@ def check_model(name: Any, width: Any, where: str, seen_lower: set[str]) -> None
         raise UsaeError(f"{where}: width of model {name!r} must be a positive int, got {width!r}")
 
 
-def check_layout(image_ids: Any, tokens_per_image: Any, grid: Any, n_rows: int | None, where: str) -> None:
-    """Validate the optional image layout fields against each other and, if known, n_rows."""
+def check_layout(
+    image_ids: Any, tokens_per_image: Any, grid: Any, n_rows: int | None, where: str, subsampled: bool = False
+) -> None:
+    """Validate the optional image layout fields against each other and, if known, n_rows.
+
+    ``subsampled``: the store keeps ``tokens_per_image`` of the grid's h·w tokens per image (then
+    image_ids, tokens_per_image and grid are all required, and tokens_per_image < h·w).
+    """
+    if subsampled and (image_ids is None or tokens_per_image is None or grid is None):
+        raise UsaeError(f"{where}: token positions need image_ids, tokens_per_image and grid")
     if image_ids is not None and (
         not isinstance(image_ids, list | tuple) or not all(isinstance(i, str) for i in image_ids)
     ):
@@ -121,7 +157,12 @@ def check_layout(image_ids: Any, tokens_per_image: Any, grid: Any, n_rows: int |
     if grid is not None:
         if not isinstance(grid, list | tuple) or len(grid) != 2 or not all(is_int(g) and g >= 1 for g in grid):
             raise UsaeError(f"{where}: grid must be [h, w] positive ints, got {grid!r}")
-        if tokens_per_image is None or grid[0] * grid[1] != tokens_per_image:
+        if subsampled and not (is_int(tokens_per_image) and tokens_per_image < grid[0] * grid[1]):
+            raise UsaeError(
+                f"{where}: a subsampled store keeps fewer than the grid's {grid[0] * grid[1]} tokens per image, "
+                f"but tokens_per_image is {tokens_per_image} (a store of every token records no positions)"
+            )
+        if not subsampled and (tokens_per_image is None or grid[0] * grid[1] != tokens_per_image):
             raise UsaeError(
                 f"{where}: grid {list(grid)} has {grid[0] * grid[1]} tokens but tokens_per_image is {tokens_per_image}"
             )
@@ -133,6 +174,24 @@ def check_layout(image_ids: Any, tokens_per_image: Any, grid: Any, n_rows: int |
         )
     if n_rows % tokens_per_image:
         raise UsaeError(f"{where}: n_rows {n_rows} is not a multiple of tokens_per_image")
+
+
+def check_positions(positions: Any, n_images: int, tokens_per_image: int, grid: Any, where: str) -> np.ndarray:
+    """Validate token positions: (n_images, t) ints, each row strictly increasing in [0, h·w); returns int64."""
+    pos = np.asarray(positions)
+    if pos.ndim != 2 or pos.shape != (n_images, tokens_per_image) or (pos.size and pos.dtype.kind not in "iu"):
+        raise UsaeError(
+            f"{where}: token positions must be ints of shape (images, tokens_per_image) = "
+            f"{(n_images, tokens_per_image)}, got {pos.dtype} {pos.shape}"
+        )
+    pos = pos.astype(np.int64)
+    n_grid = int(grid[0]) * int(grid[1])
+    if pos.size and (pos.min() < 0 or pos.max() >= n_grid):
+        raise UsaeError(f"{where}: token positions outside the grid's [0, {n_grid})")
+    if pos.shape[1] > 1 and not (np.diff(pos, axis=1) > 0).all():
+        row = int(np.argmin((np.diff(pos, axis=1) > 0).all(axis=1)))
+        raise UsaeError(f"{where}: token positions of image {row} are not strictly increasing")
+    return pos
 
 
 def is_store_dir(path: Path) -> bool:

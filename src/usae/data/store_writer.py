@@ -27,11 +27,15 @@ from usae.data.store_format import (
     FORMAT,
     METADATA_NAME,
     PARTIAL_SUFFIX,
+    POSITIONS_DTYPE,
+    POSITIONS_NAME,
+    SCHEMA_SUBSAMPLED,
     SCHEMA_VERSION,
     RunningStats,
     StoreDtype,
     check_layout,
     check_model,
+    check_positions,
     content_hash,
     is_int,
     is_store_dir,
@@ -78,6 +82,11 @@ class StoreWriter:
     final name appears only in :meth:`finalize`. With ``overwrite=True`` an existing store stays
     intact until the new one is complete. As a context manager it finalises on normal exit and,
     on an exception, leaves the partial directory and publishes nothing.
+
+    ``positions`` makes a token-subsampled store (schema 2): an (images, tokens_per_image) int array,
+    each row strictly increasing, giving the grid token (row-major) of each of an image's rows, so
+    row ``j * tokens_per_image + k`` is token ``positions[j, k]`` of image ``j``; it needs
+    ``image_ids``, ``grid`` and ``tokens_per_image < h * w``.
     """
 
     def __init__(
@@ -92,9 +101,13 @@ class StoreWriter:
         grid: tuple[int, int] | list[int] | None = None,
         extra: dict[str, Any] | None = None,
         overwrite: bool = False,
+        positions: Any = None,
     ) -> None:
         _check_writer_args(widths, dtype, rows_per_shard, extra)
-        check_layout(image_ids, tokens_per_image, grid, None, "StoreWriter")
+        subsampled = positions is not None
+        check_layout(image_ids, tokens_per_image, grid, None, "StoreWriter", subsampled)
+        if subsampled:
+            positions = check_positions(positions, len(image_ids), tokens_per_image, grid, "StoreWriter")
         self.store_dir = Path(os.path.abspath(store_dir))
         self.partial_dir = self.store_dir.with_name(self.store_dir.name + PARTIAL_SUFFIX)
         self._check_target(overwrite)
@@ -109,6 +122,7 @@ class StoreWriter:
         self._image_ids = list(image_ids) if image_ids is not None else None
         self._tokens_per_image = tokens_per_image
         self._grid = [int(g) for g in grid] if grid is not None else None
+        self._positions = positions.astype(POSITIONS_DTYPE) if subsampled else None
         self._extra = dict(extra) if extra is not None else {}
         self._overwrite = overwrite
         self._n_rows = self._n_buffered = self._n_shards = 0
@@ -231,9 +245,15 @@ class StoreWriter:
             shutil.rmtree(self.partial_dir, ignore_errors=True)
             raise UsaeError(f"StoreWriter: no rows were appended to {self.store_dir}; nothing written")
         tokens, ids = self._tokens_per_image, self._image_ids
-        check_layout(ids, tokens, self._grid, self._n_rows, f"StoreWriter for {self.store_dir}")
+        subsampled = self._positions is not None
+        check_layout(ids, tokens, self._grid, self._n_rows, f"StoreWriter for {self.store_dir}", subsampled)
         if self._n_buffered:
             self._write_shard()
+        if subsampled:
+            try:
+                save_npy(self.partial_dir / POSITIONS_NAME, self._positions)
+            except OSError as e:
+                self._fail_write(self.partial_dir / POSITIONS_NAME, e)
         meta_path = self.partial_dir / METADATA_NAME
         try:
             write_durable(meta_path, lambda f: json.dump(self._metadata(), f, indent=1))
@@ -259,8 +279,13 @@ class StoreWriter:
 
     def _metadata(self) -> dict[str, Any]:
         digests = [(n, d, self._model_sha[n].hexdigest()) for n, d in self._widths.items()]
+        positions = {}
+        if self._positions is not None:
+            pos = self._positions
+            sha = hashlib.sha256(np.ascontiguousarray(pos)).hexdigest()
+            positions = {"token_positions": {"file": POSITIONS_NAME, "shape": list(pos.shape), "sha256": sha}}
         return {
-            "schema_version": SCHEMA_VERSION,
+            "schema_version": SCHEMA_VERSION if self._positions is None else SCHEMA_SUBSAMPLED,
             "format": FORMAT,
             "created_with": f"usae {__version__}",
             "models": [{"name": n, "width": d} for n, d in self._widths.items()],
@@ -271,6 +296,7 @@ class StoreWriter:
             "image_ids": self._image_ids,
             "tokens_per_image": self._tokens_per_image,
             "grid": self._grid,
+            **positions,
             "stats": {n: s.to_json() for n, s in self._stats.items()},
             "hash": content_hash(self._dtype, self._n_rows, digests),
             "model_sha256": {n: digest for n, _, digest in digests},

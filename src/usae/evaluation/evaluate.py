@@ -11,6 +11,7 @@ notebook form, which builds the config; ``evaluate_sae(sae, store, cfg)`` measur
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any, overload
 
@@ -140,6 +141,7 @@ def _report(
         "l0": {nm: float(acc.active_ms[i].sum() / n) for i, nm in enumerate(names)},
         "dead_fraction": {nm: float(metrics.dead_fraction(acc.active_ms[i])) for i, nm in enumerate(names)},
         "dead_fraction_all": float(metrics.dead_fraction(acc.active_ms.sum(0))),
+        "gamma": {nm: _nan_to_none(_gamma(store, nm)) for nm in names},
         "firing_entropy": _nan_to_none(fe_s.tolist()),
         "firing_entropy_mean": _nan_to_none(float(fe_s.nanmean())),
         "fires": {nm: acc.fires_ms[i].long().tolist() for i, nm in enumerate(names)},
@@ -164,6 +166,18 @@ _RULE = (
 )
 
 
+def _gamma(store: Store, name: str) -> float:
+    """γ of model ``name`` on ``store`` (``metrics.outlier_gamma``): the store's when it records one."""
+    stats = store.stats(name)
+    gamma = getattr(stats, "gamma", None)
+    value = (
+        float(gamma)
+        if gamma is not None
+        else metrics.outlier_gamma(torch.from_numpy(stats.mean), torch.from_numpy(stats.var))
+    )
+    return value if math.isfinite(value) else float("nan")
+
+
 def _nan_to_none(v: Any) -> Any:
     """JSON has no NaN: undefined values (latents that never fire) become null."""
     if isinstance(v, list):
@@ -184,7 +198,8 @@ def evaluate(cfg, store=None, /, out=None, **overrides):
     in raw units), r2_matrix_paper (the same with SST around one global mean, as the paper's code
     computes it), r2_joint (per model, decoding one code chosen from all models' summed
     pre-activations: the crosscoder's own metric, a consensus code for the others), fvu, l0,
-    dead_fraction (per model), firing_entropy (per latent), cofiring, energy (per model, per latent),
+    dead_fraction (per model), gamma (per model: ‖mean‖ / ‖std‖ of its activations on the store, the
+    per-dimension outlier measure that predicts dead latents), firing_entropy (per latent), cofiring, energy (per model, per latent),
     classes. docs/report.md describes each.
 
     ``evaluate(run, store, out=None, **overrides)``, a run (or an open UniversalSAE) and one store

@@ -67,14 +67,16 @@ class TopImage(NamedTuple):
     score: float
     """Largest code of the concept over the image's tokens."""
     heat_hw: np.ndarray
-    """(h, w) float32: the concept's code on each token of the store grid."""
+    """(h, w) float32: the concept's code on each token of the store grid (NaN on the tokens a
+    subsampled store did not keep)."""
 
 
 class Heatmap(NamedTuple):
     """What ``heatmap`` returns."""
 
     heat_hw: np.ndarray
-    """(h, w) float32: the concept's code on each token (store grid, row-major)."""
+    """(h, w) float32: the concept's code on each token (store grid, row-major; NaN where a subsampled
+    store kept no token)."""
     view: np.ndarray
     """(S, S, 3) uint8: the canonical view the tokens tile."""
     overlay: Image.Image
@@ -177,18 +179,27 @@ def scan_top_images(
 
 @torch.no_grad()
 def iter_image_codes(
-    sae: UniversalSAE, store: Store, images: np.ndarray, batch_images: int = 32
+    sae: UniversalSAE, store: Store, images: np.ndarray, batch_images: int = 32, fill: float = 0.0
 ) -> Iterator[tuple[np.ndarray, dict[str, Tensor]]]:
-    """For the given store images (sorted indices), batches of (indices, {model: (b, t, s) codes})."""
-    t = image_layout(store).tokens_per_image
+    """For the given store images (sorted indices), batches of (indices, {model: (b, h·w, s) codes}).
+
+    Codes sit on the whole grid (row-major): in a token-subsampled store each row goes to the token
+    it recorded (``layout.positions``) and the tokens it did not keep hold ``fill`` (0 draws
+    nothing on a heatmap; NaN marks them).
+    """
+    layout = image_layout(store)
+    t, n_grid = layout.tokens_per_image, layout.grid[0] * layout.grid[1]
     device = next(sae.parameters()).device
     for lo in range(0, len(images), batch_images):
         chunk = images[lo : lo + batch_images]
         rows = (chunk[:, None] * t + np.arange(t)[None, :]).reshape(-1)
         codes = {}
         for name in sae.model_names:
-            z = sae.encode(name, torch.from_numpy(store.take(name, rows)).to(device))
-            codes[name] = z.view(len(chunk), t, -1)
+            z_bts = sae.encode(name, torch.from_numpy(store.take(name, rows)).to(device)).view(len(chunk), t, -1)
+            if layout.positions is not None:
+                at_bts = torch.from_numpy(layout.positions[chunk]).to(device)[..., None].expand_as(z_bts)
+                z_bts = z_bts.new_full((len(chunk), n_grid, z_bts.shape[-1]), fill).scatter_(1, at_bts, z_bts)
+            codes[name] = z_bts
         yield chunk, codes
 
 
@@ -211,9 +222,11 @@ def overlay(
 ) -> Image.Image:
     """The canonical view with token activations drawn over it: colour and opacity grow with the value.
 
-    ``vmax`` maps to full colour (default: the map's maximum); zero activation leaves the image as is.
+    ``vmax`` maps to full colour (default: the map's maximum); zero activation leaves the image as is,
+    and so do NaN tokens (those a subsampled store did not keep).
     """
     view = np.asarray(view, dtype=np.uint8)
+    heat_hw = np.nan_to_num(np.asarray(heat_hw, dtype=np.float32), nan=0.0)
     vmax = float(np.max(heat_hw)) if vmax is None else float(vmax)
     v_ss = np.clip(upsample(heat_hw, view.shape[0]) / vmax, 0.0, 1.0) if vmax > 0 else np.zeros(view.shape[:2])
     colour = colormap_lut()[np.round(v_ss * 255).astype(np.int64)].astype(np.float32)
@@ -244,7 +257,7 @@ def top_images(
     top = scan_top_images(sae, store, n, latents=[k], batch_images=batch_images, progress=progress)
     wanted = np.unique(top.image_msn[top.image_msn >= 0].numpy())
     heat: dict[tuple[str, int], np.ndarray] = {}
-    for chunk, codes in iter_image_codes(sae, store, wanted):
+    for chunk, codes in iter_image_codes(sae, store, wanted, fill=float("nan")):
         for name, z_bts in codes.items():
             for loc, j in enumerate(chunk):
                 heat[name, int(j)] = z_bts[loc, :, k].cpu().numpy().reshape(layout.grid)
@@ -276,7 +289,7 @@ def heatmap(
     name = model or sae.model_names[0]
     sae.head(name)  # unknown model -> UsaeError
     j = _image_index(layout, image)
-    (_, codes), *_ = iter_image_codes(sae, store, np.array([j]))
+    (_, codes), *_ = iter_image_codes(sae, store, np.array([j]), fill=float("nan"))
     heat_hw = codes[name][0, :, k].cpu().numpy().reshape(layout.grid)
     view = load_view(store, j)
     return Heatmap(heat_hw, view, overlay(view, heat_hw, vmax))

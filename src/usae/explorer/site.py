@@ -249,7 +249,7 @@ def _image_pass(site: _Site, top: TopImages, concepts: list[dict], tau: float) -
     sae, store, layout, cfg = site.sae, site.store, site.layout, site.cfg
     ent, ent_img = _entries(top)
     wanted = np.unique(ent_img)
-    heat_et = np.zeros((len(ent), layout.tokens_per_image), np.float32)
+    heat_et = np.zeros((len(ent), layout.grid[0] * layout.grid[1]), np.float32)  # the whole grid, subsampled or not
     vmax_ms = top.value_msn[:, :, 0].numpy()
     template = site.env.get_template("image.html")
     bar = tqdm(total=len(wanted), unit="img", desc="explore: image pages", disable=not cfg.progress)

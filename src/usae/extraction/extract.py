@@ -10,6 +10,10 @@ a single-process extraction.
 
 Unreadable images are skipped with one warning each (and counted at the end); their ids are not in
 the store.
+
+With ``--tokens-per-image N`` (or a ``--max-rows`` budget) each image keeps N of its grid tokens,
+drawn by ``subsample.token_positions`` from (seed, image id), the same for every model; the
+models still run on the whole image and the kept rows are taken right after the forward pass.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from usae.errors import UsaeError
 from usae.extraction.backbones import Backbone, check_alias, check_spec, load_backbone
 from usae.extraction.images import BadImage, ImageSet, alpha_cropped, canonical_view, open_images
 from usae.extraction.labels import demo_descriptions, image_labels, split_images
+from usae.extraction.subsample import RULE, kept_rows, positions_of, token_budget
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +84,13 @@ def common_grid(backbones: list[Backbone], side: int | None) -> tuple[int, int]:
     return min(b.native_grid[0] for b in backbones), min(b.native_grid[1] for b in backbones)
 
 
-def _plan(cfg: ExtractConfig, images: ImageSet, chosen: list[int], backbones: list[Backbone], grid, view) -> dict:
+def _plan(
+    cfg: ExtractConfig, images: ImageSet, chosen: list[int], backbones: list[Backbone], grid, view, keep: int | None
+) -> dict:
     ids_hash = hashlib.sha256("\n".join(images.ids[j] for j in chosen).encode()).hexdigest()
-    return {
+    # only a subsampled plan names its draw, so a work directory from before subsampling still resumes
+    sampling = {} if keep is None else {"tokens_per_image": keep, "token_seed": cfg.token_seed}
+    return sampling | {
         "format": "usae-extract-plan",
         "models": [b.describe() for b in backbones],
         "grid": list(grid),
@@ -146,6 +155,7 @@ def _forward(backbones: list[Backbone], views: list[np.ndarray], grid, device: t
 
 
 def _check_values(x: np.ndarray, name: str, ids: list[str], t: int, dtype: str) -> None:
+    """Refuse NaN/inf (and float16 overflow) in ``x``, rows of ``t`` per image, naming the image."""
     nonfinite_rows = ~np.isfinite(x).all(axis=1)
     bad_rows = nonfinite_rows | (np.abs(x) > _FP16_MAX).any(axis=1) if dtype == "float16" else nonfinite_rows
     if bad_rows.any():
@@ -173,14 +183,17 @@ def _run_part(ctx: dict, p: int, indices: list[int], pool: ThreadPoolExecutor, b
     skipped: list[list[Any]] = []
     batch_idx: list[int] = []
     batch_views: list[np.ndarray] = []
-    t = grid[0] * grid[1]
+    t, keep = grid[0] * grid[1], ctx["keep"]
 
     def flush() -> None:
         with torch.inference_mode():
             out = _forward(backbones, batch_views, grid, ctx["device"])
         ids = [images.ids[j] for j in batch_idx]
+        if keep is not None:  # the same rows of every model: the draw depends on the image only
+            rows = kept_rows(positions_of(ids, cfg.token_seed, t, keep), t)
+            out = {name: x[rows] for name, x in out.items()}
         for name, x in out.items():
-            _check_values(x, name, ids, t, cfg.dtype)
+            _check_values(x, name, ids, keep or t, cfg.dtype)
             arrays[name].append(x)
         kept.extend(batch_idx)
         bar.update(len(batch_idx))
@@ -226,6 +239,7 @@ def _finalize(ctx: dict, n_parts: int) -> Path:
     descriptions = demo_descriptions(images)
     held = split_images([labels[j] for j in kept] if labels else None, len(kept), cfg.val_fraction, cfg.val_seed)
     outs = {"train": ctx["out"]} | ({"val": val_store_path(ctx["out"])} if held.any() else {})
+    t, keep = grid[0] * grid[1], ctx["keep"]
     writers = {}
     for split, out in outs.items():
         members = [j for j, h in zip(kept, held, strict=True) if h == (split == "val")]
@@ -237,6 +251,8 @@ def _finalize(ctx: dict, n_parts: int) -> Path:
             "extract": to_json_dict(cfg),
             "skipped_images": [images.ids[j] for j, _ in skipped],
         }
+        if keep is not None:
+            extra["token_sampling"] = {"tokens_per_image": keep, "grid_tokens": t, "seed": cfg.token_seed, "rule": RULE}
         if labels is not None:
             extra["labels"] = {"source": cfg.labels, "per_image": [labels[j] for j in members]}
         if descriptions is not None:
@@ -254,19 +270,20 @@ def _finalize(ctx: dict, n_parts: int) -> Path:
             {b.name: b.width for b in backbones},
             dtype=cfg.dtype,
             image_ids=[images.ids[j] for j in members],
-            tokens_per_image=grid[0] * grid[1],
+            tokens_per_image=keep or t,
             grid=grid,
             extra=extra,
             overwrite=cfg.overwrite or _empty_dir(out),  # an empty directory made for the store is no store
+            positions=None if keep is None else positions_of([images.ids[j] for j in members], cfg.token_seed, t, keep),
         )
-    t, split_of = grid[0] * grid[1], dict(zip(kept, held, strict=True))
+    split_of = dict(zip(kept, held, strict=True))
     for p in tqdm(range(n_parts), desc="finalise store", unit="part", disable=n_parts < 4 or not cfg.progress):
         part_dir = parts_dir / _part_name(p)
         part_kept = read_json(part_dir / "ids.json", "extraction part")["kept"]
         if not part_kept:
             continue
         arrays = {b.name: np.load(part_dir / f"{b.name}.npy", mmap_mode="r", allow_pickle=False) for b in backbones}
-        rows_val = np.repeat(np.array([split_of[j] for j in part_kept]), t)  # image j owns t consecutive rows
+        rows_val = np.repeat(np.array([split_of[j] for j in part_kept]), keep or t)  # an image's rows are consecutive
         for split, writer in writers.items():
             mask = rows_val if split == "val" else ~rows_val
             if mask.any():
@@ -342,10 +359,11 @@ def _extract(
     else:
         backbones = [b.to(device).probe() for b in backbones]
     grid = common_grid(backbones, cfg.grid)
+    chosen, keep = token_budget(chosen, grid[0] * grid[1], cfg.tokens_per_image, cfg.max_rows)
     view = cfg.view_size or max(b.input_size for b in backbones)
     parts_dir = parts_dir_for(out)
     if world.is_main:
-        _prepare_parts_dir(parts_dir, _plan(cfg, images, chosen, backbones, grid, view))
+        _prepare_parts_dir(parts_dir, _plan(cfg, images, chosen, backbones, grid, view, keep))
     distributed.barrier(world)
 
     per = cfg.images_per_part
@@ -353,10 +371,11 @@ def _extract(
     todo = [p for p in range(n_parts) if p % world.size == world.rank and not (parts_dir / _part_name(p)).is_dir()]
     n_todo = sum(len(chosen[p * per : (p + 1) * per]) for p in todo)
     ctx = dict(cfg=cfg, out=out, backbones=backbones, grid=grid, view=view, images=images, device=device)
-    ctx["parts_dir"] = parts_dir
+    ctx |= dict(parts_dir=parts_dir, keep=keep)
     log.info(
-        "extracting %d images × %d models (%s) on a %dx%d grid; %d of %d parts to do",
-        len(chosen), len(backbones), ", ".join(f"{b.name} d={b.width}" for b in backbones), *grid, len(todo), n_parts,
+        "extracting %d images × %d models (%s) on a %dx%d grid%s; %d of %d parts to do",
+        len(chosen), len(backbones), ", ".join(f"{b.name} d={b.width}" for b in backbones), *grid,
+        "" if keep is None else f", {keep} tokens per image", len(todo), n_parts,
     )  # fmt: skip
     start = time.perf_counter()
     bar = tqdm(total=n_todo, desc="extract", unit="img", disable=not (cfg.progress and world.is_main))

@@ -6,8 +6,9 @@ An :class:`ImageSet` is an ordered list of image ids plus a way to open each one
 * a Hugging Face ``datasets`` dataset, by hub name (``hf:NAME[:SPLIT]``) or a local
   ``save_to_disk`` directory, with an ``image`` column (ids ``"<split>/<index>"``),
 * a plain list of paths (ids are the paths as given),
-* ``builtin:demo``: the photos that ship inside installed packages (scikit-image, scikit-learn) and
-  Debian's ``tuxpaint-stamps-default`` photographic cut-outs, for the offline demo.
+* ``builtin:demo``, ``builtin:openclipart``, ``builtin:large``: labelled images that installed
+  packages ship (photos in scikit-image and scikit-learn, Debian's tuxpaint stamps and openclipart
+  clip art), for offline runs; ``builtin_images.py``.
 
 ``ImageSet.describe()`` is a JSON object recorded in the store's ``extra.images`` so the explorer can
 reopen image ``j`` later with :func:`reopen`.
@@ -21,6 +22,7 @@ its own input resolution and normalises it, so a model's token grid always tiles
 from __future__ import annotations
 
 import logging
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,22 +32,17 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from usae.errors import UsaeError
+from usae.extraction.builtin_images import builtin_listing
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 GREY = (128, 128, 128)
 ALPHA_MARGIN = 0.04  # --alpha-crop keeps this share of the cut-out's size around it
-TUXPAINT_STAMPS = Path("/usr/share/tuxpaint/stamps")
-# tuxpaint categories that are drawings or symbols rather than photographs
-_TUXPAINT_SKIP = ("symbols", "cartoon")
-_SKIMAGE_PHOTOS = (
-    "astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
-    "hubble_deep_field.jpg", "retina.jpg", "ihc.png", "logo.png",
-)  # fmt: skip
-_SKLEARN_PHOTOS = ("china.jpg", "flower.jpg")
-
-# Decompression bombs are refused by PIL above this many pixels; we keep PIL's default guard.
+REDUCED_SIDE = 4096
+"""A file over PIL's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``, 89 Mpx) but under twice
+it is decoded, then reduced to fit REDUCED_SIDE² (every view is far smaller); PIL refuses files over
+twice the limit (:class:`BadImage`), and the ``builtin:`` sources leave those out when listing."""
 
 
 class BadImage(Exception):
@@ -88,11 +85,19 @@ def open_oriented(path: str | Path, alpha_crop: bool = False) -> Image.Image:
     Raises :class:`BadImage` naming the file if it cannot be decoded.
     """
     try:
-        with Image.open(path) as img:
-            img.load()  # decode now: truncated files fail here, not later
-            # camera photos store their rotation in EXIF; models should see them upright
-            img = ImageOps.exif_transpose(img)
-            return crop_to_alpha(img) if alpha_crop else img
+        with warnings.catch_warnings():
+            # over the limit: decoded reduced below instead of a DecompressionBombWarning per file
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                big = Image.MAX_IMAGE_PIXELS is not None and img.width * img.height > Image.MAX_IMAGE_PIXELS
+                if big:
+                    img.draft("RGB", (REDUCED_SIDE, REDUCED_SIDE))  # JPEG decodes at 1/2..1/8 scale; others ignore it
+                img.load()  # decode now: truncated files fail here, not later
+                if big:
+                    img.thumbnail((REDUCED_SIDE, REDUCED_SIDE), Image.Resampling.LANCZOS, reducing_gap=3.0)
+                # camera photos store their rotation in EXIF; models should see them upright
+                img = ImageOps.exif_transpose(img)
+                return crop_to_alpha(img) if alpha_crop else img
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
         raise BadImage(f"{path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
 
@@ -246,44 +251,24 @@ def dataset_images(name: str, split: str = "train", column: str = "image") -> Da
     return DatasetImages(ds, column, split, desc)
 
 
+def builtin_images(name: str) -> FileImages:
+    """``builtin:NAME``: ``demo``, ``openclipart`` or ``large`` (``builtin_images.py`` lists them)."""
+    listing = builtin_listing(name)
+    return FileImages(listing.paths, None, listing.description)
+
+
 def demo_images() -> FileImages:
     """The offline demo set: packaged colour photos plus tuxpaint's photographic stamps (if installed)."""
-    paths: list[Path] = []
-    try:
-        import skimage
-
-        skdir = Path(skimage.__file__).parent / "data"
-        paths += [skdir / n for n in _SKIMAGE_PHOTOS if (skdir / n).is_file()]
-    except ImportError:
-        pass
-    try:
-        import sklearn
-
-        paths += sorted((Path(sklearn.__file__).parent / "datasets" / "images").glob("*.jpg"))
-    except ImportError:
-        pass
-    if TUXPAINT_STAMPS.is_dir():
-        stamps = sorted(
-            p for p in TUXPAINT_STAMPS.rglob("*.png") if p.relative_to(TUXPAINT_STAMPS).parts[0] not in _TUXPAINT_SKIP
-        )
-        paths += stamps
-    else:
-        log.warning(
-            "%s not found (Debian package tuxpaint-stamps-default); demo uses only packaged photos", TUXPAINT_STAMPS
-        )
-    if not paths:
-        raise UsaeError("no demo images: install scikit-image, scikit-learn or tuxpaint-stamps-default")
-    ids = [str(p) for p in paths]
-    return FileImages(ids, None, {"kind": "builtin", "name": "demo", "paths": ids})
+    return builtin_images("demo")
 
 
 def open_images(spec: str | Path | Sequence[str | Path], split: str = "train", column: str = "image") -> ImageSet:
-    """Resolve a user's image source: folder, ``hf:NAME[:SPLIT]``, dataset dir, ``builtin:demo`` or a list."""
+    """Resolve a user's image source: folder, ``hf:NAME[:SPLIT]``, dataset dir, ``builtin:NAME`` or a list."""
     if isinstance(spec, (list, tuple)):
         return path_images(spec)
     text = str(spec)
-    if text == "builtin:demo":
-        return demo_images()
+    if text.startswith("builtin:"):
+        return builtin_images(text.removeprefix("builtin:"))
     if text.startswith("hf:"):
         name, _, hf_split = text[3:].partition(":")
         return dataset_images(name, hf_split or split, column)
@@ -297,7 +282,9 @@ def open_images(spec: str | Path | Sequence[str | Path], split: str = "train", c
     if path.is_file() and path.suffix.lower() == ".txt":
         lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
         return path_images([(path.parent / ln) if not Path(ln).is_absolute() else ln for ln in lines])
-    raise UsaeError(f"{text}: not a folder of images, a list file (.txt), 'hf:NAME[:SPLIT]' or 'builtin:demo'")
+    raise UsaeError(
+        f"{text}: not a folder of images, a list file (.txt), 'hf:NAME[:SPLIT]' or 'builtin:demo|openclipart|large'"
+    )
 
 
 def alpha_cropped(images: ImageSet) -> ImageSet:
@@ -340,13 +327,19 @@ def image_by_id(images: ImageSet, image_id: str) -> Image.Image:
 
 # -- a store's images ------------------------------------------------------------------------------
 class ImageLayout(NamedTuple):
-    """How a store's rows map to images: image j owns rows j*t .. (j+1)*t - 1 (row-major grid)."""
+    """How a store's rows map to images: image j owns rows j*t .. (j+1)*t - 1.
+
+    Row j*t + k is grid token k (row-major) of image j, or token ``positions[j, k]`` in a
+    token-subsampled store (``usae extract --tokens-per-image``), where t < h*w.
+    """
 
     image_ids: list[str]
     tokens_per_image: int
     grid: tuple[int, int]
     view_size: int | None
     """Side of the canonical view in pixels (``extra.view_size``), None if not recorded."""
+    positions: np.ndarray | None = None
+    """(images, t) int64: each row's grid token in a subsampled store; None when every token is stored."""
 
 
 def image_layout(store: Any) -> ImageLayout:
@@ -357,7 +350,10 @@ def image_layout(store: Any) -> ImageLayout:
             f"{where}: no image layout (image_ids, tokens_per_image, grid); make the store with `usae extract`"
         )
     view = store.extra.get("view_size")
-    return ImageLayout(list(store.image_ids), store.tokens_per_image, tuple(store.grid), int(view) if view else None)
+    positions = getattr(store, "positions", None)
+    return ImageLayout(
+        list(store.image_ids), store.tokens_per_image, tuple(store.grid), int(view) if view else None, positions
+    )
 
 
 def source_of(store: Any) -> dict[str, Any]:

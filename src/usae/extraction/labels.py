@@ -4,7 +4,8 @@
 scores the parent ``animals``). ``--labels hf``: a dataset's label column (ClassLabel names).
 ``--labels PATH.csv``: rows ``image,label[;label...]`` (multi-label; the image as its id in the store,
 or its file name). The built-in demo images carry tuxpaint's category/subcategory folders, the
-packaged photographs their names, and every stamp the first (English) line of its description.
+packaged photographs their names, and every stamp the first (English) line of its description;
+``builtin:openclipart`` images their top folder and subfolder (``food/fruit``).
 
 ``split_images`` holds out a seeded, label-stratified fraction of the images (``--val-fraction``).
 """
@@ -18,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from usae.errors import UsaeError
-from usae.extraction.images import TUXPAINT_STAMPS, DatasetImages, FileImages, ImageSet
+from usae.extraction.builtin_images import TUXPAINT_STAMPS, folder_label_of
+from usae.extraction.images import DatasetImages, FileImages, ImageSet
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +42,14 @@ def folder_label(images: ImageSet, image_id: str) -> list[str]:
     if isinstance(images, FileImages) and images.root is not None:
         parent = path.parent.as_posix()
         return [] if parent in ("", ".") else [parent]
-    if path.is_relative_to(TUXPAINT_STAMPS):  # the demo's cut-outs: category/subcategory
-        return [path.relative_to(TUXPAINT_STAMPS).parent.as_posix()]
-    if images.describe().get("kind") == "builtin":  # the demo's packaged photographs: their names
-        return [f"photos/{path.stem}"]
+    desc = images.describe()
+    if desc.get("kind") == "builtin":
+        # stores made before label_roots was recorded hold the demo: tuxpaint's category/subcategory
+        for root, depth in desc.get("label_roots") or [[str(TUXPAINT_STAMPS), None]]:
+            if path.is_relative_to(root):  # tuxpaint's category/subcategory, clip art's top/subfolder
+                label = folder_label_of(path, Path(root), depth)
+                return [label] if label else []
+        return [f"photos/{path.stem}"]  # the demo's packaged photographs: their names
     return [path.parent.name] if path.parent.name else []
 
 

@@ -60,6 +60,20 @@ def sst_from_sums(
     return sum_yy + 2.0 * (c_d * sum_y_d).sum() + n_rows * c_d.square().sum()
 
 
+def outlier_gamma(mean_d: Tensor, var_d: Tensor) -> float:
+    """γ = ‖mean_d‖₂ / ‖sqrt(var_d)‖₂ of a layer's activations (per-dimension mean and variance).
+
+    Large γ: the activations sit far from the origin compared with their spread, dimension by
+    dimension; it predicts dead latents in SAEs trained without per-dimension centring (arXiv
+    2605.31518). inf when nothing varies but the mean is not 0; NaN when both are 0.
+    """
+    mean_d, var_d = torch.as_tensor(mean_d, dtype=torch.float64), torch.as_tensor(var_d, dtype=torch.float64)
+    num, den = float(mean_d.norm()), float(var_d.clamp_min(0).sum().sqrt())
+    if den > 0:
+        return num / den
+    return math.inf if num > 0 else math.nan
+
+
 def r2(x_bd: Tensor, x_hat_bd: Tensor) -> Tensor:
     """R² of a reconstruction over all elements; SST around the per-dimension mean of ``x_bd``."""
     x, x_hat = x_bd.double(), x_hat_bd.double()

@@ -1,6 +1,8 @@
 """What a run trains, built before its first step: the models, the SAE, its optimiser and starting state.
 
-``trained_models`` names the store's models a run trains (checked against the device's memory);
+``open_data`` opens the pass over the store that the runs of one ``fit_many`` share (the store, the
+models, the ranks, the row order, the held-out rows); ``trained_models`` names the store's models a
+run trains (checked against the device's memory);
 ``build_sae`` makes the UniversalSAE with the store's normalisation (seeded); ``start_from_data``
 sets a fresh run's dictionary from data rows (``--init data``); ``load_frozen`` copies and freezes a
 trained universe's models (``--extend``); ``make_optimizer`` gives Adam/AdamW over the parameters.
@@ -8,26 +10,77 @@ trained universe's models (``--extend``); ``make_optimizer`` gives Adam/AdamW ov
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from usae import distributed
 from usae.config import TrainConfig
-from usae.data.loader import DataOrder
-from usae.data.store import Store
+from usae.config.train import DataConfig
+from usae.data.loader import DataOrder, Loader
+from usae.data.store import Store, held_out_path, open_store
 from usae.device import require_memory, resolve_device
+from usae.distributed import World
 from usae.errors import UsaeError
 from usae.model.sae import UniversalSAE
 from usae.run import load
+from usae.training.adam import FusedAdam
+from usae.training.validate import Validator, check_validation
 
 log = logging.getLogger(__name__)
 
 # Past this many passes over a store, a run is warned that it may overfit (issue: 170 passes on 7k rows
 # gave self R² 0.74 in-sample, 0.29 on held-out images of the same folder).
 MANY_PASSES = 10
+
+
+class TrainData(NamedTuple):
+    """The pass over the store that the runs of one ``fit_many`` share."""
+
+    store: Store
+    names: list[str]
+    """The models trained, in order."""
+    order: DataOrder
+    world: World
+    device: torch.device
+    validator: Validator | None
+    """The held-out twin's first --val-rows rows (None: no twin, or --val-every 0)."""
+
+    def loader(self) -> Loader:
+        """This rank's batches, the next one assembled while a step trains (close it)."""
+        return Loader(self.store, self.names, self.order, self.device, self.world.rank, self.world.size)
+
+
+def check_same_data(cfgs: list[TrainConfig]) -> None:
+    """``fit_many``'s runs must agree on their ``data`` group (they read one pass over the store)."""
+    for cfg in cfgs:
+        for f in dataclasses.fields(DataConfig):
+            mine, theirs = getattr(cfg.data, f.name), getattr(cfgs[0].data, f.name)
+            if mine != theirs:
+                raise UsaeError(f"fit_many: runs differ in {f.name!r} ({mine!r} vs {theirs!r})")
+
+
+def open_data(cfgs: list[TrainConfig]) -> TrainData:
+    """The store, the models trained, the ranks, the row order of every step and the held-out rows."""
+    data = cfgs[0].data
+    store = open_store(data.store)
+    names = trained_models(cfgs[0], store)
+    for cfg in cfgs:
+        check_validation(cfg, store)
+    world, device = distributed.init(resolve_device(data.device))
+    row_bytes = store.dtype.itemsize * sum(store.widths[n] for n in names)
+    window_rows = max(data.batch_size, data.shuffle_buffer_mb * 2**20 // row_bytes)
+    order = DataOrder(store.n_rows, data.batch_size, data.seed, window_rows=window_rows)
+    held_out = held_out_path(store)
+    wanted = held_out is not None and any(c.io.val_every != 0 for c in cfgs)
+    val_rows = max(c.io.val_rows for c in cfgs)
+    validator = Validator(held_out, names, val_rows, device) if wanted else None
+    return TrainData(store, names, order, world, device, validator)
 
 
 def trained_models(cfg: TrainConfig, store: Store) -> list[str]:
@@ -87,8 +140,9 @@ def build_sae(cfg: TrainConfig, store: Store, names: list[str], device: torch.de
     return sae.to(device)
 
 
-def make_optimizer(sae: UniversalSAE, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Adam/AdamW, fused (one kernel over all parameters, on CPU and GPU): ~15% faster steps."""
+def make_optimizer(sae: UniversalSAE, cfg: TrainConfig) -> FusedAdam:
+    """Adam/AdamW, fused (one kernel over all parameters, on CPU and GPU: ~15% faster steps), as
+    ``torch.optim.Adam(fused=True)`` steps but without importing ``torch._dynamo`` (training/adam.py)."""
     opt = cfg.optim
     if opt.optimizer == "adamw":
         enc = [p for n, p in sae.named_parameters() if n.endswith("W_enc")]
@@ -97,8 +151,8 @@ def make_optimizer(sae: UniversalSAE, cfg: TrainConfig) -> torch.optim.Optimizer
             {"params": enc, "weight_decay": opt.weight_decay},
             {"params": rest, "weight_decay": 0.0},
         ]
-        return torch.optim.AdamW(groups, lr=0.0, betas=opt.betas, fused=True)
-    return torch.optim.Adam(sae.parameters(), lr=0.0, betas=opt.betas, fused=True)
+        return FusedAdam(groups, lr=0.0, betas=opt.betas, decoupled=True)
+    return FusedAdam(sae.parameters(), lr=0.0, betas=opt.betas)
 
 
 def start_from_data(

@@ -32,6 +32,7 @@ from usae._io import (
 from usae.errors import UsaeError
 from usae.model.sae import UniversalSAE
 from usae.run import MODEL_NAME, load_state_into
+from usae.training.adam import TrainOptimizer
 
 KEEP_CHECKPOINTS = 2
 
@@ -56,7 +57,7 @@ def save_checkpoint(
     run_dir: Path,
     step: int,
     sae: UniversalSAE,
-    optimizer: torch.optim.Optimizer,
+    optimizer: TrainOptimizer,
     trainer: dict[str, torch.Tensor],
     state: dict[str, Any],
 ) -> Path:
@@ -91,7 +92,7 @@ def all_checkpoints(root: Path) -> list[Checkpoint]:
 
 
 def load_checkpoint(
-    ckpt: Checkpoint, sae: UniversalSAE, optimizer: torch.optim.Optimizer
+    ckpt: Checkpoint, sae: UniversalSAE, optimizer: TrainOptimizer
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Restore ``sae`` and ``optimizer`` in place; return (trainer tensors, state.json).
 
@@ -126,7 +127,7 @@ def check_trainer(trainer: dict[str, torch.Tensor], sae: UniversalSAE, path: Pat
 
 
 def _flatten_optimizer(
-    optimizer: torch.optim.Optimizer,
+    optimizer: TrainOptimizer,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Optimizer state as flat tensors ``state.<param>.<key>`` plus JSON param groups (no pickle)."""
     sd = optimizer.state_dict()

@@ -1,43 +1,45 @@
 """``fit``/``fit_many``: train UniversalSAEs on a store, one batch read once for all runs.
 
-``fit_many`` is the whole loop: set-up (open or resume each run directory, build, restore: resume.py,
-build.py, checkpoints.py), then one block that reads each batch (data/loader.py) and, for every run,
+``fit_many`` is the whole loop: set-up (open or resume each run directory, build, restore: start.py,
+resume.py, build.py, checkpoints.py), then one block that reads each batch (data/loader.py) and, for every run,
 sets the LR, steps (``train_step``, step.py), counts dead latents, logs metrics.jsonl (and to --log
-trackers, trackers.py), saves checkpoints and times the run's own steps (timing.py).
+trackers, trackers.py), validates on the held-out twin and keeps the best model (validate.py), saves
+checkpoints and times the run's own steps (timing.py); --patience ends a run early.
 Under torchrun every rank runs this; only rank 0 writes.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
 
 from usae import distributed
 from usae.config import TrainConfig, to_json_dict
-from usae.config.train import DataConfig
-from usae.data.loader import DataOrder, Loader
-from usae.data.store import Store, open_store
-from usae.device import resolve_device
 from usae.distributed import World
-from usae.errors import UsaeError
 from usae.model.sae import UniversalSAE
 from usae.run import METRICS_NAME, save_run
-from usae.training.build import build_sae, load_frozen, make_optimizer, start_from_data, trained_models
-from usae.training.checkpoints import load_checkpoint, save_checkpoint
-from usae.training.resume import claim_run_dirs, open_run
+from usae.training.build import (
+    TrainData,
+    build_sae,
+    check_same_data,
+    make_optimizer,
+)
+from usae.training.checkpoints import save_checkpoint
+from usae.training.resume import claim_run_dirs
 from usae.training.rules import sources_at
-from usae.training.step import StepStats, TrainerState, lr_at, train_step
+from usae.training.start import Run, set_up
+from usae.training.step import StepStats, lr_at, train_step
 from usae.training.timing import StepTimer
-from usae.training.trackers import Trackers, open_trackers, require
+from usae.training.trackers import Trackers, require
+from usae.training.validate import save_best
 
-__all__ = ["FitResult", "build_sae", "fit", "fit_many", "make_optimizer", "train_command"]
+__all__ = ["FitResult", "build_sae", "fit", "fit_many", "make_optimizer"]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,15 @@ class FitResult(NamedTuple):
     On CUDA, the GPU's time between events around each step."""
     steps_timed: int = 0
     """Steps timed in ``step_seconds``: those this process ran (after a resume, from its checkpoint)."""
+    best_step: int | None = None
+    """The step with the lowest held-out loss (its model: RUN/best/); None without validation."""
+    best_metrics: dict[str, float] | None = None
+    """That step's ``val/...`` numbers."""
+    last_val: dict[str, float] | None = None
+    """The last validation's ``val/...`` numbers and its ``step`` (the run's last, or where
+    --patience stopped it)."""
+    stopped_at: int | None = None
+    """The step where --patience stopped the run (None: it ran every step)."""
 
 
 def fit(cfg: TrainConfig) -> FitResult:
@@ -81,27 +92,24 @@ def fit_many(cfgs: list[TrainConfig]) -> list[FitResult]:
     """
     for cfg in cfgs:  # refused before anything is written
         require(cfg.io.log)
-        _check_same_data(cfg.data, cfgs[0].data)
+    check_same_data(cfgs)
     steps = cfgs[0].data.steps
     with claim_run_dirs(cfgs), contextlib.ExitStack() as closing:  # trackers close (failed on an error)
         # -- set-up: the pass over the store, then each run opened (fresh or resumed), built, restored
-        data = _open_data(cfgs[0])
-        runs = [_start_run(cfg, data) for cfg in cfgs]
+        data, runs, trackers, loader = set_up(cfgs, closing)
         start = runs[0].start
-        if any(run.start != start for run in runs):
-            raise UsaeError("fit_many: the runs would resume from different steps; resume them one by one")
-        trackers = [
-            closing.enter_context(open_trackers(r.cfg.io.log, r.cfg.io.out, r.config, start, data.world)) for r in runs
-        ]
-        loader = closing.enter_context(contextlib.closing(data.loader()))
         timer, lasts = StepTimer(len(runs), data.device), [{} for _ in runs]
         show = cfgs[0].io.progress and data.world.is_main
         bar = tqdm(range(start, steps), initial=start, total=steps, disable=not show, desc="train", mininterval=1)
-        # -- the loop: every run steps on each batch
+        # -- the loop: every run steps on each batch, until its last step or its --patience ends it
         for step in bar:
+            live = [i for i, run in enumerate(runs) if not run.best.stopped(run.cfg.optim.patience)]
+            if not live:
+                break
             # read the batch: this rank's rows of every model, (b, d_i) on the device, once for all runs
             batch = loader.get(step)
-            for i, run in enumerate(runs):
+            for i in live:
+                run = runs[i]
                 began, cfg, opt = timer.start(), run.cfg, run.cfg.optim
                 # learning rate: linear warmup, then cosine decay; a pure function of the step
                 lr = lr_at(step, opt.lr, opt.warmup_steps, steps, opt.lr_end_ratio)
@@ -117,11 +125,15 @@ def fit_many(cfgs: list[TrainConfig]) -> list[FitResult]:
                     run.state.n_dead.fill_(int((run.state.since_fired_ms > opt.dead_after_tokens).sum(1).max()))
                 # log: metrics.jsonl and the trackers, every --log-every steps and at the last
                 if done % cfg.io.log_every == 0 or done == steps:
-                    lasts[i] = _record(run, trackers[i], data, done, lr, stats)
+                    lasts[i] = _record(run, trackers[i], data, done, {"lr": lr, **_train_numbers(stats, data)})
                     if i == 0:  # only on a new record: a postfix redraw per step floods logs
-                        bar.set_postfix(loss=f"{lasts[i]['train/loss']:.4f}", refresh=False)
-                # checkpoint, every --save-every steps
-                if cfg.io.save_every and done % cfg.io.save_every == 0:
+                        bar.set_postfix(loss=f"{lasts[i]['train/loss']:.4f}", **_val_postfix(run), refresh=False)
+                # validate: held-out loss and R² every --val-every steps and at the last; the best kept
+                if data.validator is not None and cfg.io.val_every and (done % cfg.io.val_every == 0 or done == steps):
+                    _validate(run, trackers[i], data, done)
+                # checkpoint, every --save-every steps and where --patience stops the run
+                stopped = run.best.stopped(opt.patience)
+                if (cfg.io.save_every and done % cfg.io.save_every == 0) or stopped:
                     _save(run, data.world, done)
                 timer.stop(i, began)
         # -- the end: every run's final weights (and checkpoint, unless the loop just wrote it)
@@ -129,93 +141,27 @@ def fit_many(cfgs: list[TrainConfig]) -> list[FitResult]:
             _finish(run, data.world)
     seconds = timer.seconds()
     return [
-        FitResult(run.sae.eval(), cfg.io.out, last, sec, n)
+        FitResult(run.sae.eval(), cfg.io.out, last, sec, n, *run.best.result(), _stopped_at(run))
         for cfg, run, last, sec, n in zip(cfgs, runs, lasts, seconds, timer.n_steps, strict=True)
     ]
 
 
-# -- set-up -------------------------------------------------------------------------------------
-class _Data(NamedTuple):
-    """The pass over the store that the runs of one ``fit_many`` share."""
-
-    store: Store
-    names: list[str]
-    """The models trained, in order."""
-    order: DataOrder
-    world: World
-    device: torch.device
-
-    def loader(self) -> Loader:
-        """This rank's batches, read ahead in a background thread (close it)."""
-        return Loader(self.store, self.names, self.order, self.device, self.world.rank, self.world.size)
-
-
-def _check_same_data(data: DataConfig, first: DataConfig) -> None:
-    for f in dataclasses.fields(DataConfig):
-        mine, theirs = getattr(data, f.name), getattr(first, f.name)
-        if mine != theirs:
-            raise UsaeError(f"fit_many: runs differ in {f.name!r} ({mine!r} vs {theirs!r})")
-
-
-def _open_data(cfg: TrainConfig) -> _Data:
-    """The store, the models trained, the ranks and the row order of every step."""
-    data = cfg.data
-    store = open_store(data.store)
-    names = trained_models(cfg, store)
-    world, device = distributed.init(resolve_device(data.device))
-    row_bytes = store.dtype.itemsize * sum(store.widths[n] for n in names)
-    window_rows = max(data.batch_size, data.shuffle_buffer_mb * 2**20 // row_bytes)
-    order = DataOrder(store.n_rows, data.batch_size, data.seed, window_rows=window_rows)
-    return _Data(store, names, order, world, device)
-
-
-class _Run(NamedTuple):
-    """One run as the loop works on it."""
-
-    cfg: TrainConfig
-    """Resolved (training/resume.py): no auto value left None, ``out`` absolute."""
-    sae: UniversalSAE
-    optimizer: torch.optim.Optimizer
-    state: TrainerState
-    config: dict[str, Any]
-    """RUN/config.json."""
-    start: int
-    """The step this run starts (or resumes) at."""
-
-
-def _start_run(cfg: TrainConfig, data: _Data) -> _Run:
-    """Open ``cfg.out`` (fresh or resumed), build the model and optimiser, then restore the checkpoint
-    or initialise (and write config.json and the untrained model)."""
-    opened = open_run(cfg, data.store, {n: data.store.widths[n] for n in data.names}, data.world, data.device)
-    cfg = opened.cfg
-    sae = build_sae(cfg, data.store, data.names, data.device)
-    frozen = load_frozen(cfg, sae) if cfg.arch.extend is not None else []
-    optimizer = make_optimizer(sae, cfg)
-    state = TrainerState.fresh(len(data.names), cfg.arch.n_latents, data.device)
-    config = opened.config_json(sae)
-    if opened.checkpoint is not None:
-        trainer, _ = load_checkpoint(opened.checkpoint, sae, optimizer)
-        state.since_fired_ms.copy_(trainer["since_fired_ms"])
-        state.n_dead.copy_(trainer["n_dead"])
-        log.info("resuming %s from step %d", cfg.io.out, opened.start)
-    else:
-        start_from_data(sae, cfg, data.store, [n for n in data.names if n not in frozen], data.order, data.device)
-        if data.world.is_main:
-            save_run(cfg.io.out, sae, config)
-    return _Run(cfg, sae.train(), optimizer, state, config, opened.start)
-
-
 # -- in the loop --------------------------------------------------------------------------------
-def _record(run: _Run, tracker: Trackers, data: _Data, step: int, lr: float, stats: StepStats) -> dict[str, float]:
-    """Average the step's numbers over ranks and append them to metrics.jsonl and the trackers (rank 0)."""
-    values = [stats.loss, stats.aux, *(stats.recon_d[n] for n in data.names)]
-    flat = torch.stack(values).float()
+def _train_numbers(stats: StepStats, data: TrainData) -> dict[str, float]:
+    """The step's losses averaged over ranks, and the dead fraction per model (a host sync)."""
+    flat = torch.stack([stats.loss, stats.aux, *(stats.recon_d[n] for n in data.names)]).float()
     distributed.all_reduce_mean_([flat], data.world)
-    dead_m = (run.state.since_fired_ms > run.cfg.optim.dead_after_tokens).double().mean(1)
-    rec: dict[str, float] = {"step": step, "lr": lr, "train/loss": float(flat[0]), "train/aux": float(flat[1])}
-    for i, name in enumerate(data.names):
-        rec[f"train/recon/{name}"] = float(flat[2 + i])
-        rec[f"train/dead/{name}"] = float(dead_m[i])
+    rec = {"train/loss": float(flat[0]), "train/aux": float(flat[1])}
+    rec |= {f"train/recon/{n}": float(flat[2 + i]) for i, n in enumerate(data.names)}
+    return rec
+
+
+def _record(run: Run, tracker: Trackers, data: TrainData, step: int, numbers: dict[str, float]) -> dict[str, float]:
+    """Append one record at ``step`` to metrics.jsonl and the trackers (rank 0); returns it."""
+    rec: dict[str, float] = {"step": step, **numbers}
+    if "train/loss" in numbers:
+        dead_m = (run.state.since_fired_ms > run.cfg.optim.dead_after_tokens).double().mean(1)
+        rec |= {f"train/dead/{n}": float(dead_m[i]) for i, n in enumerate(data.names)}
     if data.world.is_main:
         with (run.cfg.io.out / METRICS_NAME).open("a") as f:
             f.write(json.dumps(rec) + "\n")
@@ -223,29 +169,42 @@ def _record(run: _Run, tracker: Trackers, data: _Data, step: int, lr: float, sta
     return rec
 
 
-def _save(run: _Run, world: World, step: int) -> None:
+def _validate(run: Run, tracker: Trackers, data: TrainData, step: int) -> None:
+    """Score the held-out rows (every rank the same: the rows and weights are), log, keep a new best."""
+    numbers = data.validator.measure(run.sae, run.cfg)
+    _record(run, tracker, data, step, numbers)
+    if run.best.update(numbers, step):  # the same on every rank: so is the collective below
+        distributed.average_buffers_(run.sae, data.world)
+        if data.world.is_main:
+            save_best(run.cfg.io.out, run.sae, run.config, numbers, step)
+
+
+def _val_postfix(run: Run) -> dict[str, str]:
+    last = run.best.last.get("val/loss")
+    return {} if last is None else {"val": f"{last:.4f}"}
+
+
+def _save(run: Run, world: World, step: int) -> None:
     """A resumable checkpoint at ``step`` (rank 0 writes; buffers averaged over ranks first)."""
     distributed.average_buffers_(run.sae, world)
     if world.is_main:
         tensors = {"since_fired_ms": run.state.since_fired_ms, "n_dead": run.state.n_dead}
-        state = {"seed": run.cfg.data.seed, "train": to_json_dict(run.cfg)}
+        state = {"seed": run.cfg.data.seed, "train": to_json_dict(run.cfg), "val": run.best.state}
         save_checkpoint(run.cfg.io.out, step, run.sae, run.optimizer, tensors, state)
     distributed.barrier(world)
 
 
-def _finish(run: _Run, world: World) -> None:
-    """The trained model to RUN/model.safetensors, and the last checkpoint unless the loop wrote it."""
+def _stopped_at(run: Run) -> int | None:
+    """The step where --patience stopped ``run`` (its last validation), or None."""
+    return run.best.last["step"] if run.best.stopped(run.cfg.optim.patience) else None
+
+
+def _finish(run: Run, world: World) -> None:
+    """The trained model to RUN/model.safetensors, and the last checkpoint unless the loop wrote it
+    (a run --patience stopped has its checkpoint from the step it stopped at)."""
     distributed.average_buffers_(run.sae, world)
     if world.is_main:
         save_run(run.cfg.io.out, run.sae, run.config)
     steps, save_every = run.cfg.data.steps, run.cfg.io.save_every
-    if save_every == 0 or steps % save_every != 0:
+    if _stopped_at(run) is None and (save_every == 0 or steps % save_every != 0):
         _save(run, world, steps)
-
-
-def train_command(cfg: TrainConfig) -> str:
-    """``usae train``: fit, then what the command prints (training/summary.py)."""
-    from usae.training.summary import format_trained
-
-    result = fit(cfg)
-    return format_trained(result.sae, result.run_dir, cfg.store)

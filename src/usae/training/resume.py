@@ -34,7 +34,7 @@ from usae._io import (
 )
 from usae.config import TrainConfig, to_json_dict
 from usae.config.train import default_k_aux, default_warmup
-from usae.data.store import Store
+from usae.data.store import Store, held_out_path
 from usae.device import native_bf16, resolve_device
 from usae.distributed import World, env_rank
 from usae.errors import UsaeError
@@ -43,6 +43,7 @@ from usae.run import CONFIG_NAME, METRICS_NAME, RESULT_FREE_FIELDS, differing_fi
 from usae.training.checkpoints import Checkpoint, latest_checkpoint
 from usae.training.rules import RULES
 from usae.training.step import default_lr
+from usae.training.validate import default_val_every
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +52,18 @@ RESUME_FREE_FIELDS = RESULT_FREE_FIELDS | {"steps"}
 
 
 def resolve(
-    cfg: TrainConfig, widths: dict[str, int], device: torch.device | None = None, saved: dict[str, Any] | None = None
+    cfg: TrainConfig,
+    widths: dict[str, int],
+    device: torch.device | None = None,
+    saved: dict[str, Any] | None = None,
+    held_out: bool = False,
 ) -> TrainConfig:
     """``cfg`` with every auto value filled in, as the loop reads it and config.json saves it.
 
     ``widths``: the trained models' d, in order (they become ``models``); ``device``: where the run
     trains (it picks ``select_precision``); ``saved``: the ``train`` object of the run being resumed,
-    whose ``select_precision`` is kept on another machine. ``out`` becomes absolute: where the run
-    lives, which a resume checks.
+    whose ``select_precision`` is kept on another machine; ``held_out``: the store has a held-out
+    twin (``val_every`` defaults on). ``out`` becomes absolute: where the run lives, which a resume checks.
     """
     select = cfg.optim.select_precision
     if select is None and saved is not None:
@@ -76,7 +81,10 @@ def resolve(
         select_precision=select,
     )
     data = dataclasses.replace(cfg.data, models=tuple(widths))
-    io = dataclasses.replace(cfg.io, out=Path(os.path.abspath(cfg.io.out)))
+    val_every = cfg.io.val_every if cfg.io.val_every is not None else (saved or {}).get("val_every")
+    if val_every is None:
+        val_every = default_val_every(cfg.data.steps, cfg.io.log_every) if held_out else 0
+    io = dataclasses.replace(cfg.io, out=Path(os.path.abspath(cfg.io.out)), val_every=val_every)
     return dataclasses.replace(cfg, data=data, optim=optim, io=io)
 
 
@@ -132,7 +140,8 @@ def open_run(cfg: TrainConfig, store: Store, widths: dict[str, int], world: Worl
     and log, records where a moved run now lives, and cuts the log back to the checkpoint.
     """
     saved = _saved_run(cfg, store)
-    resolved = resolve(cfg, widths, device, saved["train"] if saved is not None else None)
+    held_out = held_out_path(store) is not None
+    resolved = resolve(cfg, widths, device, saved["train"] if saved is not None else None, held_out)
     checkpoint = latest_checkpoint(cfg.io.out) if saved is not None else None
     if saved is not None and checkpoint is None:
         log.warning("--resume: no checkpoint in %s yet; starting from step 0", cfg.io.out)

@@ -20,6 +20,7 @@ from usae.config import TrainConfig
 from usae.distributed import World
 from usae.model.losses import auxk_loss, reconstruction_loss
 from usae.model.sae import SparseCode, UniversalSAE
+from usae.training.adam import TrainOptimizer
 from usae.training.rules import RULES
 
 DEFAULT_LR = 3e-2
@@ -80,7 +81,7 @@ class StepStats(NamedTuple):
 
 def train_step(
     sae: UniversalSAE,
-    optimizer: torch.optim.Optimizer,
+    optimizer: TrainOptimizer,
     x_n: dict[str, Tensor],
     sources: list[str],
     cfg: TrainConfig,

@@ -87,6 +87,11 @@ def _check_layout(store: Store) -> None:
             f"{store.path / 'metadata.json'}: no image layout (image_ids, tokens_per_image, grid); "
             "make the store with `usae extract`"
         )
+    if getattr(store, "subsampled", False):
+        raise UsaeError(
+            f"{store.path}: a token-subsampled store (usae extract --tokens-per-image); splicing needs every token "
+            "of an image: extract the images to splice on again without --tokens-per-image / --max-rows"
+        )
 
 
 def store_backbones(

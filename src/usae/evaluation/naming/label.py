@@ -116,13 +116,17 @@ def encode_codes(sae: UniversalSAE, store: Store, batch_images: int, progress: b
 
 
 def store_pixel_labels(store: Store, progress: bool) -> PixelLabels:
-    """Pixel labels of every token of the store (rows in store order), from its images' canonical views."""
+    """Pixel labels of every row of the store (in store order), from its images' canonical views.
+
+    A token-subsampled store's rows get the labels of the grid tokens they hold (``layout.positions``).
+    """
     layout = image_layout(store)
     source = source_of(store)
     parts = []
-    for image_id in tqdm(layout.image_ids, desc="pixel labels", unit="image", disable=not progress):
+    for j, image_id in enumerate(tqdm(layout.image_ids, desc="pixel labels", unit="image", disable=not progress)):
         view, alpha = load_source_image(source, image_id, layout.view_size)
-        parts.append(pixel_labels(view, layout.grid, alpha))
+        labels = pixel_labels(view, layout.grid, alpha)
+        parts.append(labels if layout.positions is None else labels.take(layout.positions[j]))
     return stack_pixel_labels(parts)
 
 

@@ -68,6 +68,11 @@ class PixelLabels(NamedTuple):
     labels_tl: np.ndarray  # bool (t, len(names)), tokens row-major over the grid
     flat_t: np.ndarray  # float32 (t,): RMS over R, G, B of the token's pixel std, 0..255 (0 = perfectly flat)
 
+    def take(self, tokens: np.ndarray) -> PixelLabels:
+        """The labels of the given tokens only, in that order: a subsampled store's rows of one image."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        return PixelLabels(list(self.names), self.labels_tl[tokens], self.flat_t[tokens])
+
 
 def token_edges(size: int, n: int) -> np.ndarray:
     """int (n + 1,): pixel edges of n bins over ``size`` pixels, as in area resampling."""

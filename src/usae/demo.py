@@ -24,6 +24,7 @@ from usae.evaluation.classes import energy_share
 from usae.evaluation.evaluate import evaluate, format_summary
 from usae.evaluation.fidelity.splice import format_splice, splice
 from usae.evaluation.naming.label import artifact_marks, border_share_by_chance, label
+from usae.experiments.frontier import random_control_line
 from usae.explorer.site import explore
 from usae.extraction.extract import extract, val_store_path
 from usae.model.metrics import self_cross_means
@@ -82,6 +83,14 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     timings["label_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    # One point of the interpretability-vs-fidelity frontier: this run against a random dictionary of
+    # its shapes, named and spliced the same way (`usae frontier` draws the whole curve).
+    frontier_line = random_control_line(
+        run_dir, stores[0], out / "frontier-control", splice_images=max_images, n_perm=2000, device=cfg.device
+    )
+    timings["frontier_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
     reports = evaluate(EvalConfig(run=run_dir, stores=stores, device=cfg.device))
     report = reports[0]
     if held_out:  # RUN/report.json is the held-out report: what the explorer and label read
@@ -108,6 +117,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         "report_data": report,
         "labels_data": labels,
         "splice_data": spliced,
+        "frontier_line": frontier_line,
     }
     write_json_atomic(out / "summary.json", {k: v for k, v in summary.items() if not k.endswith("_data")})
     return summary
@@ -146,6 +156,8 @@ def demo_command(cfg: DemoConfig) -> str:
         lines.append("\n" + format_splice(summary["splice_data"]))
     if summary.get("labels_data"):
         lines.append("\n" + format_named(summary["labels_data"], report))
+    if summary.get("frontier_line"):
+        lines.append("\n" + summary["frontier_line"])
     if "recovery" in summary:
         lines.append("\nplanted concepts recovered (cosine > 0.9 in every owning model):")
         lines += [f"  {kind:10s} {100 * frac:5.1f}%" for kind, frac in summary["recovery"].items()]

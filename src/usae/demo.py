@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 from usae._io import check_output, write_json_atomic
@@ -34,12 +35,8 @@ from usae.training.fit import fit
 log = logging.getLogger(__name__)
 
 
-def run_demo(cfg: DemoConfig) -> dict[str, Any]:
-    """Pretrained models on offline photos -> store (+ held-out store) -> universal SAE -> held-out
-    report with the in-sample one beside it -> concept names -> explorer."""
-    out = check_output(cfg.out, "", replaces=False)
-    store_dir, run_dir = out / "store", out / "run"
-    val_dir = val_store_path(store_dir)
+def _extract_and_train(cfg: DemoConfig, store_dir: Path, run_dir: Path) -> dict[str, float]:
+    """The store (and its held-out twin) and the run, each skipped when already complete; their times."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     if not (store_dir / "metadata.json").is_file():
@@ -67,6 +64,16 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     if not finished_run(run_dir, train_cfg):
         fit(train_cfg)
     timings["train_s"] = time.perf_counter() - t0
+    return timings
+
+
+def run_demo(cfg: DemoConfig) -> dict[str, Any]:
+    """Pretrained models on offline photos -> store (+ held-out store) -> universal SAE -> held-out
+    report with the in-sample one beside it -> concept names -> explorer."""
+    out = check_output(cfg.out, "", replaces=False)
+    store_dir, run_dir = out / "store", out / "run"
+    val_dir = val_store_path(store_dir)
+    timings = _extract_and_train(cfg, store_dir, run_dir)
 
     held_out = val_dir.is_dir()
     stores = (val_dir, store_dir) if held_out else (store_dir,)

@@ -41,13 +41,13 @@ from usae.data.store_format import (
     check_model,
     check_positions,
     content_hash,
-    gamma_of,
     is_int,
     is_number,
     shard_name,
 )
 from usae.data.store_writer import StoreWriter, write_store  # noqa: F401  (the store's public API in one place)
 from usae.errors import UsaeError
+from usae.model.metrics import outlier_gamma
 
 logger = logging.getLogger(__name__)
 
@@ -271,7 +271,7 @@ class Store:
         s = self.metadata["stats"][name]
         mean_d, var_d = np.asarray(s["mean"], np.float32), np.asarray(s["var"], np.float32)
         gamma = s.get("gamma")  # recorded since γ exists; computed for older stores (and inf/NaN, null in JSON)
-        gamma = float(gamma) if gamma is not None else gamma_of(s["mean"], s["var"])
+        gamma = float(gamma) if gamma is not None else outlier_gamma(s["mean"], s["var"])
         return ModelStats(mean_d, var_d, float(s["std"]), float(s["scalar_mean"]), gamma)
 
     def rows(self, name: str, start: int, stop: int, dtype: Any = np.float32) -> np.ndarray:

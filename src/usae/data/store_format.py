@@ -16,6 +16,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 
 from usae.errors import UsaeError
+from usae.model.metrics import outlier_gamma
 
 FORMAT = "usae-store"
 SCHEMA_VERSION = 1
@@ -61,20 +62,6 @@ class ModelStats(NamedTuple):
     gamma: float  # ‖mean‖ / ‖sqrt(var)‖ over dimensions (see gamma_of); inf when no dimension varies
 
 
-def gamma_of(mean_d: Any, var_d: Any) -> float:
-    """γ = ‖μ‖₂ / ‖σ‖₂ of a layer: the per-dimension mean vector against the per-dimension std vector.
-
-    Large γ means the activations sit far from the origin compared with their spread (per-dimension
-    outliers), which predicts dead latents (arXiv 2605.31518). Computed in float64; ``inf`` when no
-    dimension varies but the mean is not 0, ``nan`` when both are 0.
-    """
-    mean_d, var_d = np.asarray(mean_d, np.float64), np.asarray(var_d, np.float64)
-    num, den = float(np.linalg.norm(mean_d)), float(np.sqrt(np.maximum(var_d, 0.0).sum()))
-    if den > 0:
-        return num / den
-    return math.inf if num > 0 else math.nan
-
-
 class RunningStats:
     """Per-dimension mean and M2 merged batch by batch in float64 (Chan, Golub & LeVeque 1979).
 
@@ -107,7 +94,7 @@ class RunningStats:
             "var": var_d.tolist(),
             "std": float(np.sqrt(var_d.mean())),
             "scalar_mean": float(self.mean_d.mean()),
-            "gamma": _json_number(gamma_of(self.mean_d, var_d)),
+            "gamma": _json_number(outlier_gamma(self.mean_d, var_d)),
         }
 
 

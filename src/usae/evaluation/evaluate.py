@@ -167,14 +167,9 @@ _RULE = (
 
 
 def _gamma(store: Store, name: str) -> float:
-    """γ of model ``name`` on ``store`` (``metrics.outlier_gamma``): the store's when it records one."""
-    stats = store.stats(name)
-    gamma = getattr(stats, "gamma", None)
-    value = (
-        float(gamma)
-        if gamma is not None
-        else metrics.outlier_gamma(torch.from_numpy(stats.mean), torch.from_numpy(stats.var))
-    )
+    """γ of model ``name`` (the store's stats: recorded, or computed on read for older stores); NaN
+    when not finite (JSON null)."""
+    value = store.stats(name).gamma
     return value if math.isfinite(value) else float("nan")
 
 

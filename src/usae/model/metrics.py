@@ -12,6 +12,7 @@ docs/report.md gives each rule and why its default.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -60,7 +61,7 @@ def sst_from_sums(
     return sum_yy + 2.0 * (c_d * sum_y_d).sum() + n_rows * c_d.square().sum()
 
 
-def outlier_gamma(mean_d: Tensor, var_d: Tensor) -> float:
+def outlier_gamma(mean_d: Tensor | Any, var_d: Tensor | Any) -> float:
     """γ = ‖mean_d‖₂ / ‖sqrt(var_d)‖₂ of a layer's activations (per-dimension mean and variance).
 
     Large γ: the activations sit far from the origin compared with their spread, dimension by

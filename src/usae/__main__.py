@@ -41,7 +41,7 @@ log = logging.getLogger("usae")
 # command -> (config dataclass: the flags, --help and saved config; "module:function" taking it)
 COMMANDS: dict[str, tuple[type, str]] = {
     "synth": (SynthConfig, "usae.data.synth:synth_command"),
-    "train": (TrainConfig, "usae.training.summary:train_command"),
+    "train": (TrainConfig, "usae.pipeline:train_command"),
     "evaluate": (EvalConfig, "usae.evaluation.evaluate:evaluate_command"),
     "baseline": (BaselineConfig, "usae.experiments.baseline:baseline_command"),
     "ablate": (AblateConfig, "usae.experiments.ablate:ablate_command"),

@@ -81,7 +81,7 @@ def test_old_config_json_loads_and_saves_back_the_same(tmp_path):
     assert differing_field(saved, dataclasses.replace(same, k=8)) == ("k", 8, 4)
     with pytest.raises(UsaeError, match=r"unknown config key\(s\) \['arch'\]"):
         from_json_dict(TrainConfig, {**saved, "arch": {}}, "config.json: train")
-    with pytest.raises(UsaeError, match="missing config key 'store'"):
+    with pytest.raises(UsaeError, match="give a STORE, or --images"):
         from_json_dict(TrainConfig, {k: v for k, v in saved.items() if k != "store"}, "config.json: train")
 
 

@@ -21,6 +21,9 @@ def refuse_invalid(what: str, cfg: Any, checks: dict[str, bool]) -> None:
 # Field metadata of a group of fields (e.g. TrainConfig.arch) that config.json holds flat, as the CLI
 # shows it (tyro.conf.OmitArgPrefixes): grouping fields changes neither the flags nor the file.
 FLAT = {"flat": True}
+# A FLAT group that config.json holds only when some field differs from its default (a feature's
+# settings: files of runs that do not use it stay as they were).
+FLAT_UNLESS_DEFAULT = {"flat": True, "unless_default": True}
 
 
 def to_json_dict(cfg: Any) -> dict[str, Any]:
@@ -38,6 +41,8 @@ def to_json_dict(cfg: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
+        if f.metadata.get("unless_default") and value == f.default_factory():
+            continue
         if f.metadata.get("flat"):
             out.update(to_json_dict(value))
         else:

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 import tyro
 
-from usae.config.convert import FLAT, refuse_invalid
+from usae.config.convert import FLAT, FLAT_UNLESS_DEFAULT, refuse_invalid
 from usae.errors import UsaeError
 
 Rule = Literal["random-source", "all-sources", "as-released", "sparc", "crosscoder"]
@@ -90,8 +90,9 @@ class DataConfig:
     """Which rows each step reads, and where they go: runs that agree on all of it share one pass over
     the store (``fit_many``)."""
 
-    store: tyro.conf.Positional[Path]
-    """Paired activation store directory (written by `usae synth`, `write_store` or extraction)."""
+    store: tyro.conf.Positional[Path | None] = None
+    """Paired activation store directory (written by `usae synth`, `write_store` or extraction); or
+    none, with --images: the backbones run in the loop."""
     steps: int = 2000
     """Optimiser steps."""
     batch_size: int = 4096
@@ -99,7 +100,8 @@ class DataConfig:
     seed: int = 0
     """Seed: initialisation, data order and source choice. A run is deterministic on CPU."""
     models: tuple[str, ...] | None = None
-    """Subset of the store's models to train on (default: all, in store order)."""
+    """Subset of the store's models to train on (default: all, in store order). With --images: the
+    backbone specs, as `usae extract --models` takes them."""
     shuffle_buffer_mb: int = 256
     """Rows are shuffled within windows of about this many MB read whole from the store; two
     windows are in memory at a time (the one in use and the next, read ahead)."""
@@ -114,6 +116,65 @@ class DataConfig:
             "shuffle_buffer_mb": self.shuffle_buffer_mb >= 1,
         }
         refuse_invalid("train config", self, checks)
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """Training with the backbones in the loop (``--images``, no store): which images, and how their
+    tokens are made — the same alignment and token draw as `usae extract` with the same flags."""
+
+    images: str | None = None
+    """Image source (as `usae extract --images` takes it): each step's tokens come from running the
+    --models backbones on these images in the loop, so no store is written. Give no STORE then."""
+    grid: int | None = None
+    """Side of the common token grid; default: the smallest native grid among the models."""
+    view_size: int | None = None
+    """Side of the canonical square view, in pixels; default: the largest model input size."""
+    tokens_per_image: int | None = None
+    """Keep only this many tokens of each image (drawn per image from --token-seed, the same for every model)."""
+    token_seed: int = 0
+    """Seed of the --tokens-per-image draw."""
+    max_images: int | None = None
+    """Use at most this many images, spread evenly over the sorted source."""
+    image_batch_size: int = 32
+    """Images per backbone forward pass."""
+    decode_threads: int = 2
+    """Threads decoding images for the backbones."""
+    random_init: bool = False
+    """Randomly initialised backbones (no weights download): for dry runs and tests."""
+    alpha_crop: bool = False
+    """Crop images with transparency to their visible pixels (as `usae extract --alpha-crop`)."""
+    image_split: str = "train"
+    """Split of a Hugging Face dataset (--images hf:NAME)."""
+    image_column: str = "image"
+    """Image column of a Hugging Face dataset."""
+    token_dtype: Literal["float16", "float32"] = "float16"
+    """Precision the tokens are kept in (a store's dtype): float16 halves the shuffle buffer's memory
+    and makes the rows equal to those of a float16 store of the same images."""
+    stats_images: int = 512
+    """Images (spread evenly over the training images) whose tokens give each model's normalisation
+    statistics before the first step; all of them when the source has fewer."""
+    val_images: str | None = None
+    """Held-out image source for the validations and the end-of-run R² (default: --val-fraction)."""
+    val_fraction: float = 0.0
+    """Hold out this fraction of the --images (seeded) for the validations and the end-of-run R²."""
+    val_seed: int = 0
+    """Seed of the --val-fraction split."""
+
+    def __post_init__(self) -> None:
+        checks = {
+            "grid": self.grid is None or 1 <= self.grid <= 1024,
+            "view_size": self.view_size is None or 1 <= self.view_size <= 8192,
+            "tokens_per_image": self.tokens_per_image is None or self.tokens_per_image >= 1,
+            "max_images": self.max_images is None or self.max_images >= 1,
+            "image_batch_size": self.image_batch_size >= 1,
+            "decode_threads": self.decode_threads >= 1,
+            "stats_images": self.stats_images >= 1,
+            "val_fraction": 0.0 <= self.val_fraction < 1.0,
+        }
+        refuse_invalid("train config", self, checks)
+        if self.val_images is not None and self.val_fraction > 0:
+            raise UsaeError("train config: give --val-images or --val-fraction, not both")
 
 
 @dataclass(frozen=True)
@@ -262,7 +323,7 @@ def _as_paths(group: Any, *names: str) -> None:
             object.__setattr__(group, name, Path(getattr(group, name)))
 
 
-_GROUPS = {"data": DataConfig, "arch": ArchConfig, "optim": OptimConfig, "io": OutputConfig}
+_GROUPS = {"data": DataConfig, "source": SourceConfig, "arch": ArchConfig, "optim": OptimConfig, "io": OutputConfig}
 _GROUP_OF = {f.name: group for group, cls in _GROUPS.items() for f in dataclasses.fields(cls)}
 
 
@@ -273,6 +334,7 @@ class TrainConfig:
     Attributes:
         data: Which rows each step reads, on which device (runs that agree on all of it share one
             pass over the store: ``fit_many``).
+        source: With ``--images`` (no store): the images and backbones the rows come from.
         arch: What is built: the SAE's architecture, input normalisation and initialisation.
         optim: How it is updated: the rule, the losses, the optimiser and its LR schedule.
         io: Where the run is written, how often, and to which trackers (nothing here changes a result).
@@ -285,7 +347,10 @@ class TrainConfig:
     (``usae.training.resume.resolve``); the training loop reads that resolved config.
     """
 
-    data: tyro.conf.OmitArgPrefixes[DataConfig] = dataclasses.field(metadata=FLAT)
+    data: tyro.conf.OmitArgPrefixes[DataConfig] = dataclasses.field(default_factory=DataConfig, metadata=FLAT)
+    source: tyro.conf.OmitArgPrefixes[SourceConfig] = dataclasses.field(
+        default_factory=SourceConfig, metadata=FLAT_UNLESS_DEFAULT
+    )
     arch: tyro.conf.OmitArgPrefixes[ArchConfig] = dataclasses.field(default_factory=ArchConfig, metadata=FLAT)
     optim: tyro.conf.OmitArgPrefixes[OptimConfig] = dataclasses.field(default_factory=OptimConfig, metadata=FLAT)
     io: tyro.conf.OmitArgPrefixes[OutputConfig] = dataclasses.field(default_factory=OutputConfig, metadata=FLAT)
@@ -295,6 +360,7 @@ class TrainConfig:
         store: Path | str | None = None,
         *,
         data: DataConfig | None = None,
+        source: SourceConfig | None = None,
         arch: ArchConfig | None = None,
         optim: OptimConfig | None = None,
         io: OutputConfig | None = None,
@@ -302,13 +368,17 @@ class TrainConfig:
     ) -> None:
         if store is not None:
             fields["store"] = store
-        given = {"data": data, "arch": arch, "optim": optim, "io": io}
+        given = {"data": data, "source": source, "arch": arch, "optim": optim, "io": io}
         for name, cls in _GROUPS.items():
             own = {key: fields.pop(key) for key in list(fields) if _GROUP_OF.get(key) == name}
             group = given[name]
             object.__setattr__(self, name, cls(**own) if group is None else dataclasses.replace(group, **own))
         if fields:
             raise TypeError(f"TrainConfig got unexpected keyword argument(s) {sorted(fields)}")
+        if (self.data.store is None) == (self.source.images is None):
+            raise UsaeError("train config: give a STORE, or --images SOURCE with --models SPEC... (not both)")
+        if self.source.images is not None and not self.data.models:
+            raise UsaeError("train config: --images needs the backbones: --models SPEC [SPEC ...]")
 
     def __getattr__(self, name: str) -> Any:
         """A field read by its own name (``cfg.k``): from its group (called only when no attribute matches)."""

@@ -137,14 +137,16 @@ def _any_finished_part(parts_dir: Path) -> bool:
     return any(p.name.startswith("part-") and p.suffix != ".tmp" and p.is_dir() for p in parts_dir.iterdir())
 
 
-def _load_view(images: ImageSet, j: int, size: int) -> tuple[int, np.ndarray | None, str]:
+def load_view(images: ImageSet, j: int, size: int) -> tuple[int, np.ndarray | None, str]:
     try:
         return j, canonical_view(images.load(j), size), ""
     except BadImage as e:
         return j, None, str(e)
 
 
-def _forward(backbones: list[Backbone], views: list[np.ndarray], grid, device: torch.device) -> dict[str, np.ndarray]:
+def forward_views(
+    backbones: list[Backbone], views: list[np.ndarray], grid, device: torch.device
+) -> dict[str, np.ndarray]:
     """All models on one batch of canonical views -> {name: (b·t, d) float32 array}."""
     pixels = torch.from_numpy(np.stack(views)).to(device, non_blocking=True).permute(0, 3, 1, 2).float() / 255.0
     out = {}
@@ -154,7 +156,7 @@ def _forward(backbones: list[Backbone], views: list[np.ndarray], grid, device: t
     return out
 
 
-def _check_values(x: np.ndarray, name: str, ids: list[str], t: int, dtype: str) -> None:
+def check_values(x: np.ndarray, name: str, ids: list[str], t: int, dtype: str) -> None:
     """Refuse NaN/inf (and float16 overflow) in ``x``, rows of ``t`` per image, naming the image."""
     nonfinite_rows = ~np.isfinite(x).all(axis=1)
     bad_rows = nonfinite_rows | (np.abs(x) > _FP16_MAX).any(axis=1) if dtype == "float16" else nonfinite_rows
@@ -187,20 +189,20 @@ def _run_part(ctx: dict, p: int, indices: list[int], pool: ThreadPoolExecutor, b
 
     def flush() -> None:
         with torch.inference_mode():
-            out = _forward(backbones, batch_views, grid, ctx["device"])
+            out = forward_views(backbones, batch_views, grid, ctx["device"])
         ids = [images.ids[j] for j in batch_idx]
         if keep is not None:  # the same rows of every model: the draw depends on the image only
             rows = kept_rows(positions_of(ids, cfg.token_seed, t, keep), t)
             out = {name: x[rows] for name, x in out.items()}
         for name, x in out.items():
-            _check_values(x, name, ids, keep or t, cfg.dtype)
+            check_values(x, name, ids, keep or t, cfg.dtype)
             arrays[name].append(x)
         kept.extend(batch_idx)
         bar.update(len(batch_idx))
         batch_idx.clear()
         batch_views.clear()
 
-    for j, view, reason in pool.map(lambda j: _load_view(images, j, ctx["view"]), indices):
+    for j, view, reason in pool.map(lambda j: load_view(images, j, ctx["view"]), indices):
         if view is None:
             log.warning("skipping unreadable image %s", reason)
             skipped.append([j, reason])
@@ -297,10 +299,11 @@ def _finalize(ctx: dict, n_parts: int) -> Path:
     return paths["train"]
 
 
-def _model_names(cfg: ExtractConfig, backbones: list[Backbone] | None) -> list[str]:
-    """Every model's name, checked (safe as a file name, unique ignoring case) before anything loads."""
+def check_model_names(specs: tuple[str, ...], backbones: list[Backbone] | None = None) -> list[str]:
+    """Every model's name (of ``backbones`` when given, else of the specs), checked (safe as a file
+    name, unique ignoring case) before anything loads."""
     if backbones is None:
-        names = [check_spec(spec)[1] for spec in cfg.models]
+        names = [check_spec(spec)[1] for spec in specs]
     else:
         names = [check_alias(b.name, b.spec) for b in backbones]
     if not names:
@@ -331,7 +334,7 @@ def extract(cfg: ExtractConfig, backbones: list[Backbone] | None = None) -> Path
     checked before any model is loaded or any file written; a failed run leaves no empty directory
     (only ``OUT.parts/`` once a part is finished, for the rerun to resume from).
     """
-    _model_names(cfg, backbones)
+    check_model_names(cfg.models, backbones)
     out = _check_outputs(cfg)
     world, device = distributed.init(resolve_device(cfg.device))
     parts_dir = parts_dir_for(out)

@@ -1,7 +1,8 @@
 """What a run trains, built before its first step: the models, the SAE, its optimiser and starting state.
 
-``open_data`` opens the pass over the store that the runs of one ``fit_many`` share (the store, the
-models, the ranks, the row order, the held-out rows); ``trained_models`` names the store's models a
+``open_data`` opens the pass over the rows that the runs of one ``fit_many`` share (a store, or the
+backbones' tokens of images: data/source.py; the models, the ranks, the row order, the held-out
+rows); ``trained_models`` names the models a
 run trains (checked against the device's memory);
 ``build_sae`` makes the UniversalSAE with the store's normalisation (seeded); ``start_from_data``
 sets a fresh run's dictionary from data rows (``--init data``); ``load_frozen`` copies and freezes a
@@ -21,9 +22,9 @@ from torch import Tensor
 
 from usae import distributed
 from usae.config import TrainConfig
-from usae.config.train import DataConfig
+from usae.config.train import DataConfig, SourceConfig
 from usae.data.loader import DataOrder, Loader
-from usae.data.store import Store, held_out_path, open_store
+from usae.data.source import Rows, TrainSource, store_source
 from usae.device import require_memory, resolve_device
 from usae.distributed import World
 from usae.errors import UsaeError
@@ -40,9 +41,9 @@ MANY_PASSES = 10
 
 
 class TrainData(NamedTuple):
-    """The pass over the store that the runs of one ``fit_many`` share."""
+    """The pass over the rows that the runs of one ``fit_many`` share."""
 
-    store: Store
+    source: TrainSource
     names: list[str]
     """The models trained, in order."""
     order: DataOrder
@@ -50,6 +51,11 @@ class TrainData(NamedTuple):
     device: torch.device
     validator: Validator | None
     """The held-out twin's first --val-rows rows (None: no twin, or --val-every 0)."""
+
+    @property
+    def store(self) -> Rows:
+        """The training rows (a store, or images through backbones)."""
+        return self.source.rows
 
     def loader(self) -> Loader:
         """This rank's batches, the next one assembled while a step trains (close it)."""
@@ -59,35 +65,43 @@ class TrainData(NamedTuple):
 def check_same_data(cfgs: list[TrainConfig]) -> None:
     """``fit_many``'s runs must agree on their ``data`` group (they read one pass over the store)."""
     for cfg in cfgs:
-        for f in dataclasses.fields(DataConfig):
-            mine, theirs = getattr(cfg.data, f.name), getattr(cfgs[0].data, f.name)
-            if mine != theirs:
-                raise UsaeError(f"fit_many: runs differ in {f.name!r} ({mine!r} vs {theirs!r})")
+        for group, cls in (("data", DataConfig), ("source", SourceConfig)):
+            for f in dataclasses.fields(cls):
+                mine, theirs = getattr(getattr(cfg, group), f.name), getattr(getattr(cfgs[0], group), f.name)
+                if mine != theirs:
+                    raise UsaeError(f"fit_many: runs differ in {f.name!r} ({mine!r} vs {theirs!r})")
 
 
-def open_data(cfgs: list[TrainConfig]) -> TrainData:
-    """The store, the models trained, the ranks, the row order of every step and the held-out rows."""
+def open_data(cfgs: list[TrainConfig], source: TrainSource | None = None) -> TrainData:
+    """The rows (``source``, default: the store ``cfgs[0].store`` and its held-out twin), the models
+    trained, the ranks, the row order of every step and the held-out rows."""
     data = cfgs[0].data
-    store = open_store(data.store)
+    if source is None:
+        if data.store is None:
+            raise UsaeError(
+                "--images: training from images goes through usae.pipeline.train(cfg), which runs the backbones"
+            )
+        source = store_source(data.store)
+    store = source.rows
     names = trained_models(cfgs[0], store)
     for cfg in cfgs:
-        check_validation(cfg, store)
+        check_validation(cfg, source.held_out, store.path)
     world, device = distributed.init(resolve_device(data.device))
     row_bytes = store.dtype.itemsize * sum(store.widths[n] for n in names)
     window_rows = max(data.batch_size, data.shuffle_buffer_mb * 2**20 // row_bytes)
     order = DataOrder(store.n_rows, data.batch_size, data.seed, window_rows=window_rows)
-    held_out = held_out_path(store)
-    wanted = held_out is not None and any(c.io.val_every != 0 for c in cfgs)
+    wanted = source.held_out is not None and any(c.io.val_every != 0 for c in cfgs)
     val_rows = max(c.io.val_rows for c in cfgs)
-    validator = Validator(held_out, names, val_rows, device) if wanted else None
-    return TrainData(store, names, order, world, device, validator)
+    validator = Validator(source.held_out, names, val_rows, device) if wanted else None
+    return TrainData(source, names, order, world, device, validator)
 
 
-def trained_models(cfg: TrainConfig, store: Store) -> list[str]:
-    """The store's models ``cfg`` trains (``--models``, default all), once one step of them is known
-    to fit in the device's memory; warns when the run would read the store many times over."""
+def trained_models(cfg: TrainConfig, store: Rows) -> list[str]:
+    """The models of ``store`` that ``cfg`` trains (``--models``, default all; with --images, all the
+    backbones), once one step of them is known to fit in the device's memory; warns when the run
+    would read the rows many times over."""
     data = cfg.data
-    names = list(data.models) if data.models else store.model_names
+    names = list(data.models) if data.models and cfg.source.images is None else store.model_names
     for name in names:
         if name not in store.widths:
             raise UsaeError(f"--models: {name!r} is not in store {store.path} (models: {store.model_names})")
@@ -117,7 +131,7 @@ def trained_models(cfg: TrainConfig, store: Store) -> list[str]:
     return names
 
 
-def _normalization(store: Store, name: str, mode: str) -> tuple[Tensor, Tensor]:
+def _normalization(store: Rows, name: str, mode: str) -> tuple[Tensor, Tensor]:
     st = store.stats(name)
     d = store.widths[name]
     mean_d = torch.as_tensor(np.asarray(st.mean), dtype=torch.float32)
@@ -131,7 +145,7 @@ def _normalization(store: Store, name: str, mode: str) -> tuple[Tensor, Tensor]:
     return torch.zeros(d), torch.ones(())
 
 
-def build_sae(cfg: TrainConfig, store: Store, names: list[str], device: torch.device) -> UniversalSAE:
+def build_sae(cfg: TrainConfig, store: Rows, names: list[str], device: torch.device) -> UniversalSAE:
     """A UniversalSAE for ``names`` with the store's normalisation, randomly initialised (seeded)."""
     sae_cfg = cfg.arch.sae_config({n: store.widths[n] for n in names})
     sae = UniversalSAE(sae_cfg, generator=torch.Generator().manual_seed(cfg.data.seed))
@@ -156,7 +170,7 @@ def make_optimizer(sae: UniversalSAE, cfg: TrainConfig) -> FusedAdam:
 
 
 def start_from_data(
-    sae: UniversalSAE, cfg: TrainConfig, store: Store, names: list[str], order: DataOrder, device: torch.device
+    sae: UniversalSAE, cfg: TrainConfig, store: Rows, names: list[str], order: DataOrder, device: torch.device
 ) -> None:
     """``--init data``: every model's dictionary from the same rows (the first batch's, sorted), so
     latent l starts as one token seen by every model in ``names``."""
@@ -173,7 +187,7 @@ def load_frozen(cfg: TrainConfig, sae: UniversalSAE) -> list[str]:
     The old run's dictionary stays exactly as it was: only the new models' encoders and decoders
     receive gradients, so their concepts land on the existing latents.
     """
-    extend, store = cfg.arch.extend, cfg.data.store
+    extend, store = cfg.arch.extend, cfg.data.store or cfg.source.images
     old = load(extend)
     if old.n_latents != sae.n_latents or old.cfg.encoder != sae.cfg.encoder:
         raise UsaeError(

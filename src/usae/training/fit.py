@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from usae import distributed
 from usae.config import TrainConfig, to_json_dict
+from usae.data.source import TrainSource
 from usae.distributed import World
 from usae.model.sae import UniversalSAE
 from usae.run import METRICS_NAME, save_run
@@ -74,16 +75,17 @@ class FitResult(NamedTuple):
     """The step where --patience stopped the run (None: it ran every step)."""
 
 
-def fit(cfg: TrainConfig) -> FitResult:
-    """Train a UniversalSAE on ``cfg.store`` and write the run to ``cfg.out`` (see checkpoints.py).
+def fit(cfg: TrainConfig, source: TrainSource | None = None) -> FitResult:
+    """Train a UniversalSAE on ``cfg.store`` (or ``source``'s rows) and write the run to ``cfg.out``.
 
     Under torchrun (WORLD_SIZE > 1) every rank runs this; rows of each global batch are split
-    across ranks, gradients averaged, and only rank 0 writes.
+    across ranks, gradients averaged, and only rank 0 writes. ``source``: rows made elsewhere
+    (``usae.pipeline.train`` runs backbones on ``--images``: data/source.py).
     """
-    return fit_many([cfg])[0]
+    return fit_many([cfg], source)[0]
 
 
-def fit_many(cfgs: list[TrainConfig]) -> list[FitResult]:
+def fit_many(cfgs: list[TrainConfig], source: TrainSource | None = None) -> list[FitResult]:
     """Train several runs in lockstep on one pass over the store (each batch is read once).
 
     The configs may differ in anything but their ``data`` group (rule, n_latents, k, lr, ...), and
@@ -96,7 +98,7 @@ def fit_many(cfgs: list[TrainConfig]) -> list[FitResult]:
     steps = cfgs[0].data.steps
     with claim_run_dirs(cfgs), contextlib.ExitStack() as closing:  # trackers close (failed on an error)
         # -- set-up: the pass over the store, then each run opened (fresh or resumed), built, restored
-        data, runs, trackers, loader = set_up(cfgs, closing)
+        data, runs, trackers, loader = set_up(cfgs, closing, source)
         start = runs[0].start
         timer, lasts = StepTimer(len(runs), data.device), [{} for _ in runs]
         show = cfgs[0].io.progress and data.world.is_main

@@ -34,7 +34,7 @@ from usae._io import (
 )
 from usae.config import TrainConfig, to_json_dict
 from usae.config.train import default_k_aux, default_warmup
-from usae.data.store import Store, held_out_path
+from usae.data.source import TrainSource
 from usae.device import native_bf16, resolve_device
 from usae.distributed import World, env_rank
 from usae.errors import UsaeError
@@ -80,7 +80,8 @@ def resolve(
         k_aux=cfg.optim.k_aux if cfg.optim.k_aux is not None else default_k_aux(cfg.arch.n_latents),
         select_precision=select,
     )
-    data = dataclasses.replace(cfg.data, models=tuple(widths))
+    # with --images, --models are the backbone specs (recorded as given); else the trained store models
+    data = cfg.data if cfg.source.images is not None else dataclasses.replace(cfg.data, models=tuple(widths))
     val_every = cfg.io.val_every if cfg.io.val_every is not None else (saved or {}).get("val_every")
     if val_every is None:
         val_every = default_val_every(cfg.data.steps, cfg.io.log_every) if held_out else 0
@@ -100,7 +101,7 @@ def claim_run_dirs(cfgs: list[TrainConfig]) -> Iterator[None]:
     with contextlib.ExitStack() as held:
         if env_rank() == 0:
             outs = [
-                check_output(c.io.out, "usae-run", overwrite=c.io.overwrite, reading=(c.data.store,), replaces=False)
+                check_output(c.io.out, "usae-run", overwrite=c.io.overwrite, reading=reading_paths(c), replaces=False)
                 for c in cfgs
             ]
             if len(set(outs)) < len(outs):
@@ -117,7 +118,8 @@ class OpenedRun(NamedTuple):
     cfg: TrainConfig
     """The resolved config (``resolve``): no auto value left None, ``out`` absolute."""
     store_info: dict[str, Any]
-    """config.json's ``store``: the store's absolute path, the path as given, content hash and rows."""
+    """config.json's ``store``: the store's absolute path, the path as given, content hash and rows
+    (with --images: the images, backbones and their hash; data/source.py)."""
     checkpoint: Checkpoint | None
     """The checkpoint to resume from (None: a fresh start)."""
 
@@ -131,39 +133,39 @@ class OpenedRun(NamedTuple):
         return run_config(sae, to_json_dict(self.cfg), self.store_info)
 
 
-def open_run(cfg: TrainConfig, store: Store, widths: dict[str, int], world: World, device: torch.device) -> OpenedRun:
-    """``cfg.io.out`` opened for training ``cfg`` on ``store`` (every rank; rank 0 also prepares it).
+def reading_paths(cfg: TrainConfig) -> tuple[Path, ...]:
+    """The local paths a run reads (its store, or its image sources): --out must stay clear of them."""
+    if cfg.data.store is not None:
+        return (cfg.data.store,)
+    given = (cfg.source.images, cfg.source.val_images)
+    return tuple(Path(p) for p in given if p is not None and os.path.exists(p))
+
+
+def open_run(
+    cfg: TrainConfig, source: TrainSource, widths: dict[str, int], world: World, device: torch.device
+) -> OpenedRun:
+    """``cfg.io.out`` opened for training ``cfg`` on ``source`` (every rank; rank 0 also prepares it).
 
     Raises a one-line UsaeError when the run may not start: a run already there without
     --resume/--overwrite, --resume with other settings or another store than the run's, or a
     config.json edited after training started. Rank 0 then drops an overwritten run's checkpoints
     and log, records where a moved run now lives, and cuts the log back to the checkpoint.
     """
-    saved = _saved_run(cfg, store)
-    held_out = held_out_path(store) is not None
+    saved = _saved_run(cfg, source)
+    held_out = source.held_out is not None
     resolved = resolve(cfg, widths, device, saved["train"] if saved is not None else None, held_out)
     checkpoint = latest_checkpoint(cfg.io.out) if saved is not None else None
     if saved is not None and checkpoint is None:
         log.warning("--resume: no checkpoint in %s yet; starting from step 0", cfg.io.out)
     moved = saved is not None and _moved(cfg.io.out, saved["train"], checkpoint)
-    opened = OpenedRun(resolved, _store_info(cfg, store), checkpoint)
+    opened = OpenedRun(resolved, source.info, checkpoint)
     if world.is_main:
         _prepare(resolved, saved if moved else None, opened.start)
     distributed.barrier(world)
     return opened
 
 
-def _store_info(cfg: TrainConfig, store: Store) -> dict[str, Any]:
-    # Absolute, so the run finds its store from any working directory; the given form for display.
-    return {
-        "path": os.path.abspath(store.path),
-        "path_as_given": str(cfg.data.store),
-        "hash": store.hash,
-        "n_rows": store.n_rows,
-    }
-
-
-def _saved_run(cfg: TrainConfig, store: Store) -> dict[str, Any] | None:
+def _saved_run(cfg: TrainConfig, source: TrainSource) -> dict[str, Any] | None:
     """Refuse a start that would lose or mix runs; returns the saved config.json when resuming."""
     config_path = cfg.io.out / CONFIG_NAME
     if cfg.io.resume:
@@ -175,11 +177,10 @@ def _saved_run(cfg: TrainConfig, store: Store) -> dict[str, Any] | None:
         if diff is not None:
             key, current, value = diff
             raise UsaeError(f"--resume: {key}={current!r} differs from the run's {key}={value!r} ({config_path})")
-        saved_hash = saved.get("store", {}).get("hash")
-        if saved_hash is not None and saved_hash != store.hash:
-            raise UsaeError(
-                f"--resume: store {store.path} ({store.hash[:12]}) is not the run's store ({saved_hash[:12]})"
-            )
+        saved_hash, rows = saved.get("store", {}).get("hash"), source.rows
+        if saved_hash is not None and saved_hash != rows.hash:
+            what = "images and backbones" if cfg.source.images is not None else "store"
+            raise UsaeError(f"--resume: {what} {rows.path} ({rows.hash[:12]}) are not the run's ({saved_hash[:12]})")
         return saved
     if config_path.exists() and not cfg.io.overwrite:
         raise UsaeError(f"{cfg.io.out} already holds a run; pass --resume to continue or --overwrite to replace it")

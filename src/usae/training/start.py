@@ -9,6 +9,7 @@ import logging
 from typing import Any, NamedTuple
 
 from usae.config import TrainConfig
+from usae.data.source import TrainSource
 from usae.errors import UsaeError
 from usae.model.sae import UniversalSAE
 from usae.run import save_run
@@ -40,10 +41,12 @@ class Run(NamedTuple):
     """Its best held-out loss so far and the validations since (restored on resume)."""
 
 
-def set_up(cfgs: list[TrainConfig], closing: contextlib.ExitStack) -> tuple[TrainData, list[Run], list[Trackers], Any]:
-    """The shared pass over the store, every run started, their trackers and the batch loader
-    (the last two closed by ``closing``)."""
-    data = open_data(cfgs)
+def set_up(
+    cfgs: list[TrainConfig], closing: contextlib.ExitStack, source: TrainSource | None = None
+) -> tuple[TrainData, list[Run], list[Trackers], Any]:
+    """The shared pass over the rows (``source``, default: the store), every run started, their
+    trackers and the batch loader (the last two closed by ``closing``)."""
+    data = open_data(cfgs, source)
     runs = [start_run(cfg, data) for cfg in cfgs]
     if any(run.start != runs[0].start for run in runs):
         raise UsaeError("fit_many: the runs would resume from different steps; resume them one by one")
@@ -56,7 +59,7 @@ def set_up(cfgs: list[TrainConfig], closing: contextlib.ExitStack) -> tuple[Trai
 def start_run(cfg: TrainConfig, data: TrainData) -> Run:
     """Open ``cfg.out`` (fresh or resumed), build the model and optimiser, then restore the checkpoint
     or initialise (and write config.json and the untrained model)."""
-    opened = open_run(cfg, data.store, {n: data.store.widths[n] for n in data.names}, data.world, data.device)
+    opened = open_run(cfg, data.source, {n: data.store.widths[n] for n in data.names}, data.world, data.device)
     cfg = opened.cfg
     sae = build_sae(cfg, data.store, data.names, data.device)
     frozen = load_frozen(cfg, sae) if cfg.arch.extend is not None else []

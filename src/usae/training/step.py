@@ -69,7 +69,10 @@ class TrainerState(NamedTuple):
 
 
 class StepStats(NamedTuple):
-    """Detached per-step numbers (tensors: reading them syncs the device, so only at log steps)."""
+    """Detached per-step numbers (tensors: reading them syncs the device, so only at log steps).
+
+    Under torchrun each is this rank's mean weighted by its share of the global batch, so their
+    mean over ranks is the global batch's."""
 
     loss: Tensor
     """Total loss that was minimised."""
@@ -116,8 +119,13 @@ def train_step(
     total = (sum(recon.values()) + opt.auxk_coef * aux) / n_codes
     # Ranks hold uneven shares of the global batch: weight each rank's mean by its share so the
     # all-reduced average gradient is the gradient of the global-batch mean.
+    # A rank may hold no row of a step (a source with fewer chunks than ranks): its means are NaN
+    # (0/0) and count with weight 0 (its parameter gradients are sums over no rows: zeros).
     share = x_n[sources[0]].shape[0] * world.size / cfg.data.batch_size
-    (total * share if world.size > 1 else total).backward()
+    if world.size > 1:
+        total, aux = torch.nan_to_num(total) * share, torch.nan_to_num(aux) * share
+        recon = {d: torch.nan_to_num(r) * share for d, r in recon.items()}
+    total.backward()
     distributed.all_reduce_mean_([p.grad for p in sae.parameters() if p.grad is not None], world)
     if rule.source_grads_only:
         # The official loop steps only the sampled model's optimiser: other heads' gradients are

@@ -13,12 +13,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from usae.data.store import Store, held_out_path, open_store
+from usae.data.source import Rows, TrainSource
 from usae.model.metrics import r2_from_sums, self_cross_means, sst_from_sums
 from usae.model.sae import UniversalSAE
 
 if TYPE_CHECKING:
-    from usae.config import TrainConfig
     from usae.training.fit import FitResult
 
 SUMMARY_ROWS = 8192
@@ -26,7 +25,7 @@ SUMMARY_ROWS = 8192
 
 
 @torch.no_grad()
-def sample_r2(sae: UniversalSAE, store: Store, n_rows: int, batch_size: int = 4096) -> list[list[float]]:
+def sample_r2(sae: UniversalSAE, store: Rows, n_rows: int, batch_size: int = 4096) -> list[list[float]]:
     """(m, m) R² [encode with, decode to] on the first ``n_rows`` rows, pooled as ``usae evaluate`` pools it."""
     names, device = sae.model_names, next(sae.parameters()).device
     sse = torch.zeros(len(names), len(names), dtype=torch.float64)
@@ -48,15 +47,14 @@ def sample_r2(sae: UniversalSAE, store: Store, n_rows: int, batch_size: int = 40
     return r2_from_sums(sse, sst[None, :]).tolist()
 
 
-def format_trained(sae: UniversalSAE, run_dir: Path, store_dir: Path, result: FitResult | None = None) -> str:
-    """Where the run is, its self/cross R² on a sample (held-out rows when the store has a twin), the
-    best and last held-out validations (``result``, when the run validated), what next."""
-    store = open_store(store_dir)
-    held_out = held_out_path(store)
-    sample = open_store(held_out) if held_out is not None else store
+def format_trained(sae: UniversalSAE, run_dir: Path, source: TrainSource, result: FitResult | None = None) -> str:
+    """Where the run is, its self/cross R² on a sample (held-out rows when the source has a twin),
+    the best and last held-out validations (``result``, when the run validated), what next."""
+    held_out = source.held_out
+    sample = held_out if held_out is not None else source.rows
     n = min(SUMMARY_ROWS, sample.n_rows)
     self_r2, cross_r2 = self_cross_means(sample_r2(sae.eval(), sample, n))
-    where = "held-out store " + str(held_out) if held_out is not None else "the training store (in-sample)"
+    where = f"held-out rows {held_out.path}" if held_out is not None else "the training rows (in-sample)"
     cross_text = f", cross {cross_r2:.3f}" if cross_r2 is not None else ""
     lines = [f"run: {run_dir}", f"R² on the first {n} rows of {where}: self {self_r2:.3f}{cross_text}"]
     if result is not None and result.best_step is not None:
@@ -64,18 +62,10 @@ def format_trained(sae: UniversalSAE, run_dir: Path, store_dir: Path, result: Fi
         lines.append(f"best held-out step {result.best_step} ({run_dir / 'best'}): {_scores(best)}")
         stopped = " (--patience stopped the run here)" if result.stopped_at is not None else ""
         lines.append(f"last step {last['step']}{stopped}: {_scores(last)}")
-    lines.append(f"next: usae evaluate {run_dir} {held_out or store_dir}")
+    lines.append(f"next: {source.next_hint.replace('{run}', str(run_dir))}")
     return "\n".join(lines)
 
 
 def _scores(rec: dict[str, float]) -> str:
     cross = f", cross R² {rec['val/r2_cross']:.3f}" if "val/r2_cross" in rec else ""
     return f"loss {rec['val/loss']:.4f}, self R² {rec['val/r2_self']:.3f}{cross}"
-
-
-def train_command(cfg: TrainConfig) -> str:
-    """``usae train``: fit, then what the command prints."""
-    from usae.training.fit import fit
-
-    result = fit(cfg)
-    return format_trained(result.sae, result.run_dir, cfg.store, result)

@@ -1,6 +1,7 @@
 """Held-out validation during training (``--val-every``), the best model kept, and ``--patience``.
 
-When the store has a held-out twin (``usae extract --val-fraction``: ``held_out_path``), every
+When the rows have a held-out twin (a store's from ``usae extract --val-fraction``; with --images,
+the --val-images or --val-fraction images: data/source.py's ``TrainSource.held_out``), every
 ``val_every`` steps and at the last step each run measures on the twin's first ``val_rows`` rows,
 every model encoding in turn (eval mode, no gradient, no random number drawn, so training is the
 same with or without it):
@@ -29,7 +30,7 @@ from torch import Tensor
 
 from usae._io import publish_dir, write_json_atomic
 from usae.config import TrainConfig
-from usae.data.store import Store, held_out_path, open_store
+from usae.data.source import Rows
 from usae.errors import UsaeError
 from usae.model.losses import reconstruction_loss
 from usae.model.metrics import r2_from_sums, self_cross_means
@@ -46,23 +47,21 @@ def default_val_every(steps: int, log_every: int) -> int:
     return max(log_every, steps // 20)
 
 
-def check_validation(cfg: TrainConfig, store: Store) -> None:
+def check_validation(cfg: TrainConfig, held_out: Rows | None, where: Path) -> None:
     """Refuse --patience without validations to count (one line, before anything is written)."""
-    if cfg.optim.patience and (held_out_path(store) is None or cfg.io.val_every == 0):
-        why = "--val-every 0" if held_out_path(store) is not None else f"store {store.path} has no held-out twin"
-        raise UsaeError(
-            f"--patience {cfg.optim.patience} needs held-out validations, but {why} (usae extract --val-fraction)"
-        )
+    if cfg.optim.patience and (held_out is None or cfg.io.val_every == 0):
+        how = "--val-fraction or --val-images" if cfg.source.images else "usae extract --val-fraction"
+        why = "--val-every 0" if held_out is not None else f"{where} has no held-out twin ({how})"
+        raise UsaeError(f"--patience {cfg.optim.patience} needs held-out validations, but {why}")
 
 
 class Validator:
     """The held-out rows of one ``fit_many`` pass, read once, and the numbers a run scores on them."""
 
-    def __init__(self, held_out: Path, names: list[str], n_rows: int, device: torch.device) -> None:
-        store = open_store(held_out)
+    def __init__(self, store: Rows, names: list[str], n_rows: int, device: torch.device) -> None:
         missing = [n for n in names if n not in store.widths]
         if missing:
-            raise UsaeError(f"held-out store {held_out} lacks the trained models {missing}")
+            raise UsaeError(f"held-out rows {store.path} lack the trained models {missing}")
         self.n_rows = min(n_rows, store.n_rows)
         self.names = names
         self.x = {n: torch.from_numpy(store.rows(n, 0, self.n_rows)).float().to(device) for n in names}

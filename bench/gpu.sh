@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks in one go: the GPU-marked tests (pytest -m gpu) and the speed benches
-# (bench/train.py, bench/scaling.py, bench/extract.py) sized to finish within 8 minutes on one H200,
+# (bench/train.py, bench/scaling.py, bench/extract.py, bench/routes.py) sized to finish within 8 minutes on one H200,
 # then ONE table: bench, metric, value, ratio (against the baseline the metric names).
 #
 #   bench/gpu.sh              on a CUDA machine; without CUDA it prints one line and exits 0
@@ -35,21 +35,25 @@ mkdir -p "$OUT"
 # import error (a missing optional package) out of this run.
 mapfile -t GPU_TESTS < <(grep -rlE --include='*.py' 'mark\.gpu' tests | sort)
 
-# Sizes and limits. GPU: 100 + 140 + 90 + 120 = 450 s of limits, inside the 8 minutes with room for
-# the CUDA check and the table. Dry run: toy sizes that only prove each step runs and reports.
+# Sizes and limits. GPU: 90 + 110 + 80 + 90 + 100 = 470 s of limits, inside the 8 minutes with room
+# for the CUDA check and the table. Dry run: toy sizes that only prove each step runs and reports.
 if [ "$DRY" = 1 ]; then
   DEVICE=cpu
   TRAIN=(--widths 16 24 --latent-mult 2 --k 4 --batch-size 128 --steps 4 --repeats 1)
   SCALING=(--tiny)
   EXTRACT=(--models fake:w16s8 fake:w8s4i32 --n-images 8 --batch-size 4 --repeats 1)
-  LIMIT_TESTS=120 LIMIT_TRAIN=120 LIMIT_SCALING=120 LIMIT_EXTRACT=120
+  ROUTES=(--models fake:w16s8 fake:w8s4i32 --n-images 8 --steps 3 --batch-size 64 --n-latents 32 --k 4 --released-steps 0)
+  LIMIT_TESTS=120 LIMIT_TRAIN=120 LIMIT_SCALING=120 LIMIT_EXTRACT=120 LIMIT_ROUTES=120
 else
   DEVICE=cuda
   # bench/train.py defaults: M=3, widths 384/512/768, n_latents 6144, k 32, batch 4096.
   TRAIN=(--steps 200 --repeats 2)
   SCALING=()  # full sizes: the same M=3 step vs its floor matmul; M = 2..16 at d 256
   EXTRACT=(--n-images 256 --batch-size 64 --repeats 2)  # the three built-in models on builtin:demo
-  LIMIT_TESTS=100 LIMIT_TRAIN=140 LIMIT_SCALING=90 LIMIT_EXTRACT=120
+  # the three routes (store, subsampled store, backbones in the loop) with two timm ViTs, random weights
+  ROUTES=(--models vits=timm:vit_small_patch16_224 vitb=timm:vit_base_patch16_224 --random-init
+    --n-images 512 --steps 100 --batch-size 8192 --n-latents 6144 --k 32 --released-steps 0)
+  LIMIT_TESTS=90 LIMIT_TRAIN=110 LIMIT_SCALING=80 LIMIT_EXTRACT=90 LIMIT_ROUTES=100
 fi
 
 # step NAME LIMIT CMD...: run CMD under LIMIT seconds, log to $OUT/NAME.log, record "NAME rc seconds".
@@ -76,6 +80,7 @@ fi
 step train "$LIMIT_TRAIN" "$PY" bench/train.py --device "$DEVICE" "${TRAIN[@]}" --json "$OUT/train.json"
 step scaling "$LIMIT_SCALING" "$PY" bench/scaling.py --device "$DEVICE" ${SCALING[@]+"${SCALING[@]}"} --json "$OUT/scaling.json"
 step extract "$LIMIT_EXTRACT" "$PY" bench/extract.py --device "$DEVICE" "${EXTRACT[@]}" --json "$OUT/extract.json"
+step routes "$LIMIT_ROUTES" "$PY" bench/routes.py --device "$DEVICE" "${ROUTES[@]}" --json "$OUT/routes.json"
 
 "$PY" - "$OUT" "$DEVICE" <<'EOF'
 """Print the one table from the steps' records, JSON rows and pytest's JUnit XML; exit 1 on a failure."""

@@ -11,7 +11,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "bench" / "gpu.sh"
-BENCHES = ("pytest", "train", "scaling", "extract")
+BENCHES = ("pytest", "train", "scaling", "extract", "routes")
 
 
 def run(*args: str, env: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:

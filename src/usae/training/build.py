@@ -114,20 +114,14 @@ def trained_models(cfg: TrainConfig, store: Rows) -> list[str]:
         "lower --batch-size or --n-latents",
     )
     passes = data.steps * data.batch_size / store.n_rows
-    log.info(
-        "training %d steps x %d rows = %.1f passes over the store's %d rows",
-        data.steps,
-        data.batch_size,
-        passes,
-        store.n_rows,
-    )
+    log.info("training %d steps x %d rows = %.1f passes over the %d rows of %s", data.steps, data.batch_size,
+             passes, store.n_rows, store.path)  # fmt: skip
     if passes > MANY_PASSES:
+        how = "--val-fraction or --val-images" if cfg.source.images else "usae extract --val-fraction"
         log.warning(
-            "%.0f passes over %d rows: the dictionary may memorise this store; measure it on held-out images "
-            "(usae extract --val-fraction) or extract more images",
-            passes,
-            store.n_rows,
-        )
+            "%.0f passes over %d rows: the dictionary may memorise them; measure it on held-out images (%s) "
+            "or use more images", passes, store.n_rows, how,
+        )  # fmt: skip
     return names
 
 

@@ -62,7 +62,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         results = {}
-        for route, tokens in (("store, every token", None), (f"store, --tokens-per-image {args.tokens_per_image}", args.tokens_per_image)):
+        for route, tokens in (
+            ("store, every token", None),
+            (f"store, --tokens-per-image {args.tokens_per_image}", args.tokens_per_image),
+        ):
             cfg = ExtractConfig(
                 images=args.images, models=tuple(args.models), out=tmp / f"store{tokens}", max_images=args.n_images,
                 device=args.device, tokens_per_image=tokens, progress=False, random_init=args.random_init,
@@ -93,7 +96,11 @@ def main() -> None:
         print(f"{route:34s}{size / 1e6:9.1f}{t_ext:11.1f}{t_tr:9.1f}{tokens / t_tr:11,.0f}{t_steps:13.1f}")
         rows += [
             {"metric": f"{route}: disk MB", "value": size / 1e6, "ratio": size / base[0]},
-            {"metric": f"{route}: extract + train s", "value": t_ext + t_tr, "ratio": (t_ext + t_tr) / (base[1] + base[2])},
+            {
+                "metric": f"{route}: extract + train s",
+                "value": t_ext + t_tr,
+                "ratio": (t_ext + t_tr) / (base[1] + base[2]),
+            },
             {"metric": f"{route}: train tokens/s", "value": tokens / t_tr, "ratio": base[2] / t_tr},
         ]
     in_loop = results["backbones in the loop"][4]
@@ -103,7 +110,13 @@ def main() -> None:
         f"backbones in the loop: {in_loop.images_run} images run ({in_loop.make_seconds:.1f} s making rows, "
         f"{in_loop.forward_seconds:.1f} s of forward passes) vs SAE steps {steps_s:.1f} s: the {bound} bound it"
     )
-    rows.append({"metric": "in the loop: backbone s / SAE step s", "value": in_loop.make_seconds, "ratio": in_loop.make_seconds / max(steps_s, 1e-9)})
+    rows.append(
+        {
+            "metric": "in the loop: backbone s / SAE step s",
+            "value": in_loop.make_seconds,
+            "ratio": in_loop.make_seconds / max(steps_s, 1e-9),
+        }
+    )
     print(f"ImageNet-1k train at 196 tokens, {sum(_width(m) for m in args.models)} dims, float16: "
           f"{1_281_167 * 196 * sum(_width(m) for m in args.models) * 2 / 1e12:.2f} TB every token, "
           f"{1_281_167 * args.tokens_per_image * sum(_width(m) for m in args.models) * 2 / 1e12:.3f} TB at "

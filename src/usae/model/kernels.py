@@ -16,7 +16,7 @@ from torch import Tensor
 # A code with at least 1/DENSE_FROM of the latents per row (an AuxK code of k_aux = 256 of 512
 # latents) is cheaper as a dense (b, s) matrix through BLAS than gathered: on a 2-core Zen 4,
 # S^T y for b 4096, s 512, d 128 takes 31 ms dense vs 466 ms sorted and gathered at 264 entries
-# per row (the stable argsort of 1M entries alone is ~80 ms), 26 vs 44 ms at 64, 26 vs 8 ms at 8;
+# per row (sorting 1M entries alone is ~80 ms), 26 vs 44 ms at 64, 26 vs 8 ms at 8;
 # at s 6144, 32 per row, the sparse path is 20x faster. Same numbers up to float summation order.
 DENSE_FROM = 8
 
@@ -40,7 +40,10 @@ def _by_latent(idx_bk: Tensor, n_latents: int) -> tuple[Tensor, Tensor, Tensor] 
     if _dense(idx_bk, n_latents):
         return idx_bk, n_latents
     flat = idx_bk.reshape(-1)
-    order = torch.argsort(flat, stable=True)
+    # The stable order by latent, as an unstable sort of unique keys (latent, position): the same
+    # permutation as argsort(stable=True), ~4x faster on CPU (3.4 vs 15 ms for 4096 x 8 entries).
+    n = flat.numel()
+    order = torch.sort(flat * n + torch.arange(n, device=flat.device)).indices
     rows = torch.div(order, idx_bk.shape[1], rounding_mode="floor")
     counts = torch.bincount(flat, minlength=n_latents)
     return order, rows, counts.cumsum(0) - counts

@@ -144,7 +144,7 @@ def test_parse_errors_are_one_line_and_help_is_whole(capsys, cli):
     for argv, needle in [
         (["train", "st", "--bogus", "1"], "Unrecognized options: --bogus"),
         (["train", "st", "--steps", "abc"], "--steps"),
-        (["train"], "Missing"),
+        (["train"], "give a STORE, or --images"),
         (["bogus"], "unknown command 'bogus'"),
         ([], "no command given"),
     ]:

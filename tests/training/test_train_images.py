@@ -94,7 +94,7 @@ def test_config_records_images_and_backbones_and_resume_checks_them(images, tmp_
     assert "preprocessing" in json.dumps(recorded["backbones"][0])
     records = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "val/loss" in r] == [5, 10]  # held-out images validate
-    assert "held-out rows" in text and "time: backbones" in text and "bound this run" in text
+    assert "held-out images" in text and "time: backbones" in text and "bound this run" in text
     shutil.copy(images / "img000.png", images / "img999.png")  # another image set under the same flags
     with pytest.raises(UsaeError, match="are not the run's"):
         train(dataclasses.replace(cfg, steps=20, resume=True))

@@ -376,7 +376,9 @@ class TrainConfig:
         if fields:
             raise TypeError(f"TrainConfig got unexpected keyword argument(s) {sorted(fields)}")
         if (self.data.store is None) == (self.source.images is None):
-            raise UsaeError("train config: give a STORE, or --images SOURCE with --models SPEC... (not both)")
+            raise UsaeError(
+                "train config: give a STORE, or --images SOURCE with --models SPEC... (not both; usae train --help)"
+            )
         if self.source.images is not None and not self.data.models:
             raise UsaeError("train config: --images needs the backbones: --models SPEC [SPEC ...]")
 

@@ -88,6 +88,7 @@ class ImageRows:
         self._pool = ThreadPoolExecutor(src.decode_threads)
         self._lock = threading.Lock()  # the loader's thread and the main thread (validation, init) share it
         self._last: tuple[int, int, dict[str, np.ndarray]] | None = None
+        self._last_taken: tuple[bytes, dict[str, np.ndarray]] | None = None
         self._stats: dict[str, ModelStats] | None = None
         self._unreadable: dict[str, str] = {}
         self.forward_seconds = 0.0
@@ -131,14 +132,17 @@ class ImageRows:
         if idx_b.size and (idx_b.min() < 0 or idx_b.max() >= self.n_rows):
             raise UsaeError(f"take: idx outside [0, {self.n_rows}) for images {self.path}")
         images, inverse = np.unique(idx_b // self.t, return_inverse=True)
-        with self._lock:
-            x = self._tokens(images.tolist())[name]
+        key = images.tobytes()
+        with self._lock:  # one call per model for the same rows (--init data): the images run once
+            if self._last_taken is None or self._last_taken[0] != key:
+                self._last_taken = (key, self._tokens(images.tolist()))
+            x = self._last_taken[1][name]
         return x[inverse * self.t + idx_b % self.t].astype(np.float32)
 
     def release_pages(self) -> None:
         """Drop the cached tokens of the last chunk (they live on in the loader's buffer)."""
         with self._lock:
-            self._last = None
+            self._last = self._last_taken = None
 
     def stats(self, name: str) -> ModelStats:
         """Model ``name``'s statistics on ``--stats-images`` training images (computed once, on first use)."""

@@ -54,7 +54,8 @@ def format_trained(sae: UniversalSAE, run_dir: Path, source: TrainSource, result
     sample = held_out if held_out is not None else source.rows
     n = min(SUMMARY_ROWS, sample.n_rows)
     self_r2, cross_r2 = self_cross_means(sample_r2(sae.eval(), sample, n))
-    where = f"held-out rows {held_out.path}" if held_out is not None else "the training rows (in-sample)"
+    kind = "images" if source.info.get("kind") == "images" else "store"
+    where = f"held-out {kind} {held_out.path}" if held_out is not None else f"the training {kind} (in-sample)"
     cross_text = f", cross {cross_r2:.3f}" if cross_r2 is not None else ""
     lines = [f"run: {run_dir}", f"R² on the first {n} rows of {where}: self {self_r2:.3f}{cross_text}"]
     if result is not None and result.best_step is not None:

@@ -10,12 +10,9 @@ error naming the file. Nothing here unpickles. See docs/format.md and docs/relia
 
 from __future__ import annotations
 
-import codecs
 import contextlib
-import csv
 import errno
 import hashlib
-import io
 import json
 import os
 import stat
@@ -28,42 +25,19 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from usae._input import (  # noqa: F401  (re-exported: the reading half of the file helpers)
+    FILE_KINDS,
+    USER_TEXT_MAX_BYTES,
+    decode_user_text,
+    one_line,
+    read_json,
+    read_user_csv,
+    read_user_text,
+    regular_file,
+)
 from usae.errors import UsaeError
 
 CHECKSUM_KEY = "usae_sha256"
-
-
-def one_line(e: object) -> str:
-    """An exception or text squeezed onto one line of at most 200 characters (for error messages)."""
-    text = " ".join(str(e).split())[:200]
-    return text or e.__class__.__name__
-
-
-FILE_KINDS = {
-    stat.S_IFDIR: "directory",
-    stat.S_IFIFO: "FIFO",
-    stat.S_IFSOCK: "socket",
-    stat.S_IFCHR: "character device",
-    stat.S_IFBLK: "block device",
-}
-
-
-def regular_file(path: Path, what: str = "file") -> Path:
-    """``path`` when it is a regular file (or a link to one), checked without opening it.
-
-    Anything else is a one-line UsaeError naming it: missing, or a directory, FIFO, socket or
-    device (opening a FIFO would block forever; reading a device never ends).
-    """
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise UsaeError(f"{path}: {what} not found") from None
-    except OSError as e:
-        raise UsaeError(f"{path}: {what} could not be read ({e.strerror or e})") from None
-    if not stat.S_ISREG(mode):
-        kind = FILE_KINDS.get(stat.S_IFMT(mode), "special file")
-        raise UsaeError(f"{path}: {what} is a {kind}, not a regular file")
-    return Path(path)
 
 
 def fsync_path(path: Path) -> None:
@@ -137,86 +111,6 @@ def publish_dir(tmp_dir: Path, final: Path) -> None:
     fsync_path(tmp_dir)
     os.replace(tmp_dir, final)
     fsync_path(final.parent)
-
-
-# -- text a user may hand us ------------------------------------------------------------------------
-USER_TEXT_MAX_BYTES = 1 << 30
-"""The largest text file usae reads (a label CSV, an image list, a JSON file): 1 GiB. Larger is surely
-not what was meant, and reading it whole would only exhaust memory; a CSV field may be this long."""
-_BOMS = (  # UTF-32 first: its little-endian mark begins with UTF-16's
-    (codecs.BOM_UTF32_LE, None, "UTF-32"),
-    (codecs.BOM_UTF32_BE, None, "UTF-32"),
-    (codecs.BOM_UTF8, "utf-8", "UTF-8"),
-    (codecs.BOM_UTF16_LE, "utf-16-le", "UTF-16"),
-    (codecs.BOM_UTF16_BE, "utf-16-be", "UTF-16"),
-)
-
-
-def read_user_text(path: Path, what: str, max_bytes: int = USER_TEXT_MAX_BYTES) -> str:
-    """The text of a file a user gives or may edit, read through one gate (docs/reliability.md §12).
-
-    Regular files only (:func:`regular_file`: a FIFO never blocks the read), at most ``max_bytes``,
-    decoded by its byte-order mark (UTF-8 or UTF-16) or else as UTF-8. Anything else is a one-line
-    UsaeError naming the file and the encoding it is not.
-    """
-    path = regular_file(Path(path), what)
-    try:
-        size = path.stat().st_size
-        if size > max_bytes:
-            raise UsaeError(f"{path}: {what} is {size:,} bytes, more than the {max_bytes:,} a {what} may hold")
-        data = path.read_bytes()
-    except OSError as e:
-        raise UsaeError(f"{path}: {what} could not be read ({e.strerror or e})") from None
-    return decode_user_text(data, path, what)
-
-
-def decode_user_text(data: bytes, path: Path, what: str) -> str:
-    """``data`` decoded as :func:`read_user_text` decodes a file (one-line UsaeError naming ``path``)."""
-    encoding, name, start = "utf-8", "UTF-8", 0
-    for bom, codec, label in _BOMS:
-        if data.startswith(bom):
-            if codec is None:
-                raise UsaeError(f"{path}: {what} is {label}; save it as UTF-8 (or UTF-16 with a byte-order mark)")
-            encoding, name, start = codec, label, len(bom)
-            break
-    try:
-        return data[start:].decode(encoding)
-    except UnicodeDecodeError as e:
-        at = start + e.start
-        raise UsaeError(
-            f"{path}: {what} is not {name} (byte 0x{data[at]:02x} at offset {at}); save it as UTF-8 "
-            "(or UTF-16 with a byte-order mark)"
-        ) from None
-
-
-def read_user_csv(path: Path, what: str) -> list[tuple[int, list[str]]]:
-    """(line number, fields) of every row of a CSV file read through :func:`read_user_text`.
-
-    The field limit is raised to the size bound (csv's default, 128 KiB, made a long label a
-    traceback); a row that does not parse (an unclosed or stray quote) is one line naming file:line.
-    """
-    text = read_user_text(path, what)
-    csv.field_size_limit(max(csv.field_size_limit(), USER_TEXT_MAX_BYTES))
-    # strict: an unclosed quote is an error, not a field that swallows the rest of the file
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
-    rows, start = [], 1
-    try:
-        for row in reader:
-            rows.append((start, row))
-            start = reader.line_num + 1
-    except csv.Error as e:
-        raise UsaeError(f"{path}:{start}: {what} row does not parse as CSV ({one_line(e)})") from None
-    return rows
-
-
-def read_json(path: Path, what: str) -> Any:
-    """Read a JSON file (through :func:`read_user_text`); a missing or malformed file is a one-line
-    UsaeError naming it."""
-    text = read_user_text(Path(path), what)
-    try:
-        return json.loads(text)
-    except (ValueError, RecursionError) as e:  # JSONDecodeError, a 5000-digit int, deep nesting
-        raise UsaeError(f"{path}: {what} is not valid JSON ({e.__class__.__name__}: {str(e)[:200]})") from None
 
 
 # -- checksummed tensors ---------------------------------------------------------------------------

@@ -25,10 +25,10 @@ from usae.data.store import Store, open_store
 from usae.device import require_memory, resolve_device
 from usae.evaluation.classes import classify, thresholds_of
 from usae.evaluation.fidelity.measures import SPLICE_JSON
-from usae.evaluation.naming.label import LABELS_JSON, label, naming_summary
+from usae.evaluation.naming.label import LABELS_JSON, label, naming_summary, too_small_to_name
 from usae.model import metrics
 from usae.model.sae import UniversalSAE, dense
-from usae.run import open_run_store, trained_store_hash
+from usae.run import open_run_store, trained_store_hash, weights_record
 
 log = logging.getLogger(__name__)
 
@@ -245,10 +245,11 @@ def _evaluate_into(cfg: EvalConfig, sae: UniversalSAE, out_dir: Path, json_paths
     if cfg.report and cfg.label:
         _label_if_labelled(cfg)
     trained_on = trained_store_hash(cfg.run)
+    weights = weights_record(cfg.run)  # ties each report to these weights: explore and export check it
     reports = []
     for store_path, json_path in zip(cfg.stores, json_paths, strict=True):
         _, store = open_run_store(sae, store_path, cfg.device)
-        reports.append(evaluate_sae(sae, store, cfg, trained_on=trained_on))
+        reports.append(evaluate_sae(sae, store, cfg, trained_on=trained_on) | {"weights": weights})
         write_json_atomic(json_path, reports[-1])
         log.info("wrote %s", json_path)
     if cfg.report:
@@ -269,6 +270,10 @@ def _label_if_labelled(cfg: EvalConfig) -> None:
         return
     path = Path(cfg.run) / LABELS_JSON
     if path.is_file() and (read_json(path, "concept labels").get("store") or {}).get("hash") == store.hash:
+        return
+    defaults = LabelConfig(run=cfg.run, store=store.path)
+    if (why := too_small_to_name(store, defaults.n_top, defaults.n_top_tokens)) is not None:
+        log.info("not naming the concepts: %s (usae label RUN STORE --n-top N names them)", why)
         return
     n_images = len(store.image_ids) if store.image_ids is not None else store.n_rows
     log.info(

@@ -204,8 +204,10 @@ def test_verify_codes_detects_bit_flips_and_out_of_range_indices(world, cli):
     assert main(["verify", str(codes)]) == 0
 
 
-def test_encode_refuses_a_huge_k_before_allocating(world, cli):
+def test_encode_k_and_maximize_size_are_bounded_before_allocating(world, cli):
     one_line(*cli(["encode", world / "run", world / "store", "--out", world / "c", "--k", "1000000000000"]), "--k")
+    one_line(*cli(["maximize", world / "run", "--concept", "0", "--size", "100000"]), "invalid size=100000")
+    one_line(*cli(["train", world / "store", "--out", world / "c", "--n-latents", "16", "--k", "10000000000"]), "k must be")
     assert not (world / "c").exists()
 
 
@@ -271,7 +273,8 @@ _JSON_VALUE = st.recursive(
 
 def _labels_like(value) -> dict:
     """A labels.json of `usae label` for models a, b with ``value`` planted somewhere."""
-    entry = {"a": {"label": "red", "precision_at_n": 0.5, "lift": 2.0}, "b": None, "agrees": True, "best": "red"}
+    scores = {"label": "red", "precision_at_n": 0.5, "lift": 2.0, "auroc": 0.9, "p_value": 0.01, "n": 5}
+    entry = {"a": scores | {"significant": True}, "b": None, "agrees": True, "best": "red"}
     fam = {"level": "image", "labels": ["red"], "concepts": {"0": entry}, "summary": {"used": {"a": 1}}}
     return {"model_names": ["a", "b"], "families": {"dataset": fam}, "artifacts": {}, "_planted": value}
 
@@ -281,7 +284,7 @@ def _labels_like(value) -> dict:
     data=st.one_of(
         st.binary(max_size=200),
         _JSON_VALUE.map(lambda v: json.dumps(v).encode()),
-        st.tuples(_JSON_VALUE, st.sampled_from(["families", "dataset", "concepts", "0", "a", "lift", "summary", "used"])).map(
+        st.tuples(_JSON_VALUE, st.sampled_from(["families", "dataset", "concepts", "0", "a", "lift", "label", "significant", "summary", "used"])).map(
             lambda vk: json.dumps(_labels_like(vk[0])).replace(f'"{vk[1]}":', f'"{vk[1]}": {json.dumps(vk[0])}, "x{vk[1]}":', 1).encode()
         ),
     )
@@ -304,7 +307,9 @@ def test_fuzzed_labels_json_gives_labels_or_one_usae_error(tmp_path, data):
                 summary = fam["info"]["summary"]
                 cells = [summary[key] for key in ("shared", "agreed", "p_threshold")] + [fam["info"]["n_items"]]
                 cells += [v for key in ("used", "named") for v in summary[key].values()]
-                cells += [(r["s"] or {}).get(key) for r in fam["rows"] for key in ("precision_at_n", "lift", "n")]
+                keys = ("label", "significant", "precision_at_n", "lift", "auroc", "p_value", "n")  # concept.html's
+                cells += [r["s"][key] for r in fam["rows"] if r["s"] for key in keys[2:]]
+                [r["s"][key] for r in fam["rows"] if r["s"] for key in keys[:2]]
                 [format_number(v) for v in cells]
 
 

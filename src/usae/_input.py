@@ -141,6 +141,8 @@ class Maybe:
 
 NUMBER = (int, float)
 """A schema for any JSON number (not a bool)."""
+NUMBER_OR_NULL = (int, float, type(None))
+"""A number or null, as a field that must be present (a template reads it)."""
 _NAMES = {str: "text", int: "an integer", bool: "true or false", dict: "an object", list: "an array"}
 
 
@@ -174,7 +176,8 @@ def check_schema(data: Any, schema: Any, path: Path, key: str = "") -> None:
     else:
         kinds = schema if isinstance(schema, tuple) else (schema,)
         ok = isinstance(data, kinds) and not (isinstance(data, bool) and bool not in kinds)
-        _want(ok, data, "a number" if kinds == NUMBER else _NAMES.get(kinds[0], kinds[0].__name__), path, where)
+        names = {NUMBER: "a number", NUMBER_OR_NULL: "a number or null"}
+        _want(ok, data, names.get(kinds) or _NAMES.get(kinds[0], kinds[0].__name__), path, where)
 
 
 _JSON_TYPES = {dict: "an object", list: "an array", str: "text", bool: "a boolean", type(None): "null"}

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from usae._input import NUMBER, Maybe, check_schema
+from usae._input import NUMBER, NUMBER_OR_NULL, Maybe, check_schema
 from usae._io import read_json
 from usae.config import ExploreConfig
 from usae.data.store import Store
@@ -84,7 +84,10 @@ def _read_plain_labels(path: Path, data: Any, n_latents: int) -> dict[int, str]:
     return labels
 
 
-_SCORES = {k: Maybe(NUMBER) for k in ("precision_at_n", "lift", "auroc", "p_value", "n")}
+# a concept page's row: every key read (a missing one was a template error), the numbers as numbers
+_SCORES = {"label": str, "significant": bool} | {
+    k: NUMBER_OR_NULL for k in ("precision_at_n", "lift", "auroc", "p_value", "n")
+}
 _SUMMARY = Maybe({"used": Maybe({str: NUMBER}), "named": Maybe({str: NUMBER}), **{
     k: Maybe(NUMBER) for k in ("shared", "agreed", "p_threshold")}})  # fmt: skip
 # What the site reads of a labels.json (a number shown on a page must be a number; docs/format.md has the rest)

@@ -207,7 +207,9 @@ def test_verify_codes_detects_bit_flips_and_out_of_range_indices(world, cli):
 def test_encode_k_and_maximize_size_are_bounded_before_allocating(world, cli):
     one_line(*cli(["encode", world / "run", world / "store", "--out", world / "c", "--k", "1000000000000"]), "--k")
     one_line(*cli(["maximize", world / "run", "--concept", "0", "--size", "100000"]), "invalid size=100000")
-    one_line(*cli(["train", world / "store", "--out", world / "c", "--n-latents", "16", "--k", "10000000000"]), "k must be")
+    one_line(
+        *cli(["train", world / "store", "--out", world / "c", "--n-latents", "16", "--k", "10000000000"]), "k must be"
+    )
     assert not (world / "c").exists()
 
 
@@ -233,6 +235,14 @@ def test_import_official_refuses_keys_that_become_one_name(tmp_path, cli):
     argv = ["import-official", tmp_path / "config.yaml", tmp_path / "ckpt", "--out", tmp_path / "run"]
     one_line(*cli(argv), "'x.y' and 'x_y'", "'x_y'")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_hand_edited_splice_json_is_one_line_in_evaluate(world, cli):
+    splice = {"models": ["a", "b"], "task": {"a": "classifier", "b": None}, "available": {"a": True, "b": False}}
+    splice |= {"matrices": {"agreement": [[0.9, None], ["high", None]]}, "controls": {}, "n_images": 4, "store": "s"}
+    (world / "run" / "splice.json").write_text(json.dumps(splice))
+    argv = ["evaluate", world / "run", world / "store", "--no-progress", "--out", world / "rep"]
+    one_line(*cli(argv), "splice.json", "'matrices.agreement[1][0]' must be a number or null")
 
 
 # -- the fuzzed readers: any bytes -> labels or one UsaeError ----------------------------------------

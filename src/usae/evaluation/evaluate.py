@@ -18,13 +18,14 @@ from typing import Any, overload
 import torch
 from tqdm.auto import tqdm
 
+from usae._input import check_schema
 from usae._io import check_output, output_dir, read_json, write_json_atomic
 from usae.config import EvalConfig, LabelConfig
 from usae.config.evaluate import ClassThresholds
 from usae.data.store import Store, open_store
 from usae.device import require_memory, resolve_device
 from usae.evaluation.classes import classify, thresholds_of
-from usae.evaluation.fidelity.measures import SPLICE_JSON
+from usae.evaluation.fidelity.measures import SPLICE_JSON, SPLICE_SCHEMA
 from usae.evaluation.naming.label import LABELS_JSON, label, naming_summary, too_small_to_name
 from usae.model import metrics
 from usae.model.sae import UniversalSAE, dense
@@ -259,6 +260,8 @@ def _evaluate_into(cfg: EvalConfig, sae: UniversalSAE, out_dir: Path, json_paths
         baselines = read_json(baselines_path, "baselines") if baselines_path.is_file() else None
         splice_path = cfg.run / SPLICE_JSON
         splice = read_json(splice_path, "splice results") if splice_path.is_file() else None
+        if splice is not None:
+            check_schema(splice, SPLICE_SCHEMA, splice_path)
         write_report(reports, out_dir, baselines, splice=splice, naming=_naming(cfg.run, reports))
     return reports
 

@@ -51,6 +51,20 @@ def regular_file(path: Path, what: str = "file") -> Path:
     return Path(path)
 
 
+def file_kind(path: Path) -> str:
+    """'file', 'directory', or what else ``path`` is ('FIFO', 'socket', 'character device', 'broken link', ...),
+    from one stat (links followed), without opening it."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "broken link" if os.path.islink(path) else "missing file"
+    except OSError:
+        return "unreadable entry"
+    if stat.S_ISREG(mode):
+        return "file"
+    return FILE_KINDS.get(stat.S_IFMT(mode), "special file")
+
+
 # -- text a user may hand us ------------------------------------------------------------------------
 USER_TEXT_MAX_BYTES = 1 << 30
 """The largest text file usae reads (a label CSV, an image list, a JSON file): 1 GiB. Larger is surely

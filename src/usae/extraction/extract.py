@@ -49,7 +49,7 @@ from usae.data.store import StoreWriter
 from usae.device import resolve_device
 from usae.errors import UsaeError
 from usae.extraction.backbones import Backbone, check_alias, check_spec, load_backbone
-from usae.extraction.images import BadImage, ImageSet, alpha_cropped, canonical_view, open_images, source_inputs
+from usae.extraction.images import BadImage, ImageSet, alpha_cropped, canonical_view, list_file_paths, open_images
 from usae.extraction.labels import (  # noqa: F401  (val_store_path: extraction's public API)
     demo_descriptions,
     image_labels,
@@ -321,6 +321,27 @@ def _model_names(cfg: ExtractConfig, backbones: list[Backbone] | None) -> list[s
     if len({n.lower() for n in names}) != len(names):
         raise UsaeError(f"two models share a name ({', '.join(names)}); give aliases: NAME=SPEC")
     return names
+
+
+def source_inputs(spec: str) -> tuple[Path, ...]:
+    """What an image source reads on this disk, for ``check_output``'s ``reading``: an --out that is,
+    contains or lies inside one of them would overwrite or delete the images.
+
+    A folder or local dataset directory; a list file, with one listed image per folder (an --out
+    contains a listed image exactly when it contains that image's folder). Hub datasets and the
+    ``builtin:`` sets (inside installed packages) give none.
+    """
+    text = str(spec)
+    if text.startswith("builtin:"):
+        return ()
+    if text.startswith("hf:"):
+        local = Path(text[3:].partition(":")[0]).expanduser()
+        return (local,) if local.is_dir() else ()
+    path = Path(text).expanduser()
+    if path.is_file() and path.suffix.lower() == ".txt":
+        by_folder = {p.expanduser().absolute().parent: p for p in list_file_paths(path)}
+        return (path, *by_folder.values())
+    return (path,)
 
 
 def _inputs(cfg: ExtractConfig) -> tuple[Path, ...]:

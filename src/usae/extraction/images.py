@@ -22,8 +22,6 @@ its own input resolution and normalises it, so a model's token grid always tiles
 from __future__ import annotations
 
 import logging
-import os
-import stat
 import warnings
 from collections import Counter
 from collections.abc import Sequence
@@ -33,7 +31,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from PIL import Image, ImageOps
 
-from usae._io import FILE_KINDS, read_user_text, regular_file
+from usae._input import file_kind, read_user_text, regular_file
 from usae.errors import UsaeError
 from usae.extraction.builtin_images import builtin_listing
 
@@ -224,20 +222,6 @@ def folder_images(root: str | Path) -> FileImages:
     return images
 
 
-def file_kind(path: Path) -> str:
-    """'file', 'directory', or what else ``path`` is ('FIFO', 'socket', 'character device', 'broken link', ...),
-    from one stat (links followed), without opening it."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        return "broken link" if os.path.islink(path) else "missing file"
-    except OSError:
-        return "unreadable entry"
-    if stat.S_ISREG(mode):
-        return "file"
-    return FILE_KINDS.get(stat.S_IFMT(mode), "special file")
-
-
 def log_not_images(images: ImageSet) -> None:
     """One log line for the files of a folder source that are not images (they are not extracted), and
     one for the entries of a folder or list that are no regular file (a FIFO, socket or device)."""
@@ -283,27 +267,6 @@ def list_file_paths(path: Path) -> list[Path]:
     """The image paths a list file (.txt) names, one per line; relative ones are under the list's folder."""
     lines = [ln.strip() for ln in read_user_text(path, "image list").splitlines() if ln.strip()]
     return [Path(ln) if Path(ln).is_absolute() else path.parent / ln for ln in lines]
-
-
-def source_inputs(spec: str) -> tuple[Path, ...]:
-    """What an image source reads on this disk, for ``check_output``'s ``reading``: an --out that is,
-    contains or lies inside one of them would overwrite or delete the images.
-
-    A folder or local dataset directory; a list file, with one listed image per folder (an --out
-    contains a listed image exactly when it contains that image's folder). Hub datasets and the
-    ``builtin:`` sets (inside installed packages) give none.
-    """
-    text = str(spec)
-    if text.startswith("builtin:"):
-        return ()
-    if text.startswith("hf:"):
-        local = Path(text[3:].partition(":")[0]).expanduser()
-        return (local,) if local.is_dir() else ()
-    path = Path(text).expanduser()
-    if path.is_file() and path.suffix.lower() == ".txt":
-        by_folder = {p.expanduser().absolute().parent: p for p in list_file_paths(path)}
-        return (path, *by_folder.values())
-    return (path,)
 
 
 def dataset_images(name: str, split: str = "train", column: str = "image") -> DatasetImages:

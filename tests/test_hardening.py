@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -108,6 +109,24 @@ def test_one_model_evaluate_of_a_held_out_and_the_training_store(world, capsys):
     assert "Held-out vs in-sample" in card
     reports = [json.loads((run / f"report-{s}.json").read_text()) for s in ("val", "store")]
     assert [r["store"]["trained_on"] for r in reports] == [False, True] and reports[0]["r2_cross_mean"] is None
+
+
+# -- item 5: naming's minimum sizes in user terms -----------------------------------------------------
+def test_naming_a_store_of_9_images_says_so_in_images(world, cli, caplog):
+    rng = np.random.default_rng(2)
+    labels = {"source": "folders", "per_image": [["cat"], ["dog"], ["cat"]] * 3}
+    layout = dict(image_ids=[f"img{i}.png" for i in range(9)], tokens_per_image=4, grid=(2, 2))
+    small = write_store(
+        world / "small",
+        {"a": rng.normal(size=(36, 8)), "b": rng.normal(size=(36, 12))},
+        extra={"labels": labels},
+        **layout,
+    )
+    err = one_line(*cli(["label", world / "run", small, "--no-progress", "--device", "cpu"]), "has 9 images")
+    assert "naming needs at least --n-top 20" in err and "items" not in err
+    with caplog.at_level(logging.INFO, "usae"):
+        assert main(["evaluate", str(world / "run"), str(small), "--no-progress", "--out", str(world / "rep")]) == 0
+    assert any("not naming the concepts" in r.getMessage() and "9 images" in r.getMessage() for r in caplog.records)
 
 
 # -- item 8: maximize never writes into the run's store --------------------------------------------

@@ -70,15 +70,17 @@ def test_out_around_the_image_folder_or_list_or_label_csv_is_refused(tmp_path, c
     (out / "metadata.json").write_bytes((tmp_path / "first" / "metadata.json").read_bytes())  # OUT looks like a store
     listed = tmp_path / "list.txt"
     listed.write_text("\n".join(str(p) for p in paths))
-    (tmp_path / "labels.csv").write_text("img00.png,cat\n")
+    (tmp_path / "lab").mkdir()
+    (tmp_path / "lab" / "labels.csv").write_text("img00.png,cat\n")
     before = _files(tmp_path)
     cases = [
         (["--images", out / "imgs", "--out", out], "contains the input"),
         (["--images", listed, "--out", out], "contains the input"),  # a listed image's folder
-        (["--images", out / "imgs", "--out", out / "imgs"], "is the input"),
+        (["--images", out / "imgs", "--out", out / "imgs"], "contains the input"),
+        (["--images", out / "imgs", "--out", out / "imgs" / "c0"], "contains the input"),  # a subfolder of images
         (
-            ["--images", tmp_path / "first", "--out", tmp_path, "--labels", tmp_path / "labels.csv"],
-            "contains the input",
+            ["--images", out / "imgs", "--out", tmp_path / "lab", "--labels", tmp_path / "lab" / "labels.csv"],
+            "contains",
         ),
     ]
     for args, what in cases:
@@ -86,6 +88,9 @@ def test_out_around_the_image_folder_or_list_or_label_csv_is_refused(tmp_path, c
         _one_line(capsys, what)
         assert _files(tmp_path) == before
     assert _files(tmp_path / "first") == first
+    # beside the images, inside their folder, is fine: the store holds no image to delete
+    assert extract(_cfg(out / "imgs", out / "imgs" / "store")).is_dir()
+    assert {p.name for p in paths} <= {p.name for p in (out / "imgs").rglob("*.png")}
 
 
 # -- surface 1: label CSVs in other encodings, long fields, bad rows --------------------------------

@@ -49,7 +49,14 @@ from usae.data.store import StoreWriter
 from usae.device import resolve_device
 from usae.errors import UsaeError
 from usae.extraction.backbones import Backbone, check_alias, check_spec, load_backbone
-from usae.extraction.images import BadImage, ImageSet, alpha_cropped, canonical_view, list_file_paths, open_images
+from usae.extraction.images import (
+    BadImage,
+    ImageSet,
+    alpha_cropped,
+    canonical_view,
+    open_images,
+)
+from usae.extraction.inputs import extraction_inputs
 from usae.extraction.labels import (  # noqa: F401  (val_store_path: extraction's public API)
     demo_descriptions,
     image_labels,
@@ -323,37 +330,10 @@ def _model_names(cfg: ExtractConfig, backbones: list[Backbone] | None) -> list[s
     return names
 
 
-def source_inputs(spec: str) -> tuple[Path, ...]:
-    """What an image source reads on this disk, for ``check_output``'s ``reading``: an --out that is,
-    contains or lies inside one of them would overwrite or delete the images.
-
-    A folder or local dataset directory; a list file, with one listed image per folder (an --out
-    contains a listed image exactly when it contains that image's folder). Hub datasets and the
-    ``builtin:`` sets (inside installed packages) give none.
-    """
-    text = str(spec)
-    if text.startswith("builtin:"):
-        return ()
-    if text.startswith("hf:"):
-        local = Path(text[3:].partition(":")[0]).expanduser()
-        return (local,) if local.is_dir() else ()
-    path = Path(text).expanduser()
-    if path.is_file() and path.suffix.lower() == ".txt":
-        by_folder = {p.expanduser().absolute().parent: p for p in list_file_paths(path)}
-        return (path, *by_folder.values())
-    return (path,)
-
-
-def _inputs(cfg: ExtractConfig) -> tuple[Path, ...]:
-    """What extraction reads from this disk: the image source (``source_inputs``) and a label CSV."""
-    labels = () if cfg.labels in (None, "folders", "hf") else (Path(cfg.labels).expanduser(),)
-    return source_inputs(cfg.images) + labels
-
-
 def _check_outputs(cfg: ExtractConfig) -> Path:
     """Refuse, before anything is loaded or written, an --out (or its OUT-val twin) that would clobber
     a store, a foreign directory or an input (the images, their list, the label CSV)."""
-    reading = _inputs(cfg)
+    reading = extraction_inputs(cfg)
     out = check_output(cfg.out, "usae-store", overwrite=cfg.overwrite, reading=reading, replaces=True)
     twin = val_store_path(out)
     if cfg.val_fraction > 0 or stale_twin(out) is not None:  # a twin left by an earlier split is replaced too

@@ -34,6 +34,7 @@ from usae.config import (
     TrainConfig,
     VerifyConfig,
 )
+from usae.device import check_devices
 from usae.errors import UsaeError
 
 log = logging.getLogger("usae")
@@ -115,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         cfg = parse(COMMANDS[args[0]][0], args[0], args[1:])
+        check_devices(cfg)
         print(command_function(args[0])(cfg))
     except UsaeError as e:
         print(f"usae: error: {e}", file=sys.stderr)

@@ -11,6 +11,7 @@ error naming the file. Nothing here unpickles. See docs/format.md and docs/relia
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -24,42 +25,19 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from usae._input import (  # noqa: F401  (re-exported: the reading half of the file helpers)
+    FILE_KINDS,
+    USER_TEXT_MAX_BYTES,
+    decode_user_text,
+    one_line,
+    read_json,
+    read_user_csv,
+    read_user_text,
+    regular_file,
+)
 from usae.errors import UsaeError
 
 CHECKSUM_KEY = "usae_sha256"
-
-
-def one_line(e: object) -> str:
-    """An exception or text squeezed onto one line of at most 200 characters (for error messages)."""
-    text = " ".join(str(e).split())[:200]
-    return text or e.__class__.__name__
-
-
-_FILE_KINDS = {
-    stat.S_IFDIR: "directory",
-    stat.S_IFIFO: "FIFO",
-    stat.S_IFSOCK: "socket",
-    stat.S_IFCHR: "character device",
-    stat.S_IFBLK: "block device",
-}
-
-
-def regular_file(path: Path, what: str = "file") -> Path:
-    """``path`` when it is a regular file (or a link to one), checked without opening it.
-
-    Anything else is a one-line UsaeError naming it: missing, or a directory, FIFO, socket or
-    device (opening a FIFO would block forever; reading a device never ends).
-    """
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise UsaeError(f"{path}: {what} not found") from None
-    except OSError as e:
-        raise UsaeError(f"{path}: {what} could not be read ({e.strerror or e})") from None
-    if not stat.S_ISREG(mode):
-        kind = _FILE_KINDS.get(stat.S_IFMT(mode), "special file")
-        raise UsaeError(f"{path}: {what} is a {kind}, not a regular file")
-    return Path(path)
 
 
 def fsync_path(path: Path) -> None:
@@ -133,17 +111,6 @@ def publish_dir(tmp_dir: Path, final: Path) -> None:
     fsync_path(tmp_dir)
     os.replace(tmp_dir, final)
     fsync_path(final.parent)
-
-
-def read_json(path: Path, what: str) -> Any:
-    """Read a JSON file; a missing or malformed file is a one-line UsaeError naming it."""
-    path = regular_file(Path(path), what)
-    try:
-        return json.loads(path.read_text())
-    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, a 5000-digit int, deep nesting
-        raise UsaeError(f"{path}: {what} is not valid JSON ({e.__class__.__name__}: {str(e)[:200]})") from None
-    except OSError as e:
-        raise UsaeError(f"{path}: {what} could not be read ({e.strerror or e})") from None
 
 
 # -- checksummed tensors ---------------------------------------------------------------------------
@@ -363,6 +330,30 @@ def sibling_lock(path: Path) -> Path:
     return path.with_name(f".{path.name}{LOCK_NAME}")
 
 
+def _open_lock_file(lock_path: Path) -> int:
+    """Open (or create) the lock file itself, never what a symbolic link in its place points to.
+
+    Writing the holder's pid into a followed link would truncate the link's target (any file the
+    user can write), and a dangling one would create a file outside the output: O_NOFOLLOW makes
+    both fail (ELOOP), with O_CREAT too, and anything but a regular file is refused.
+    """
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(lock_path, flags, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP or lock_path.is_symlink():
+            raise UsaeError(
+                f"{lock_path}: the lock file is a symbolic link; remove it (usae does not follow it)"
+            ) from None
+        raise UsaeError(f"{lock_path}: could not open the lock file ({e.strerror or e})") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = FILE_KINDS.get(stat.S_IFMT(mode), "special file")
+        raise UsaeError(f"{lock_path}: the lock file is a {kind}, not a regular file; remove it")
+    return fd
+
+
 @contextlib.contextmanager
 def dir_lock(lock_path: Path, what: str):
     """Hold an advisory exclusive lock (``fcntl.flock``) on ``lock_path`` while the block runs.
@@ -383,7 +374,7 @@ def dir_lock(lock_path: Path, what: str):
         return
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_lock_file(lock_path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

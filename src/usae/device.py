@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -10,13 +11,49 @@ from usae.errors import UsaeError
 
 
 def resolve_device(device: str) -> torch.device:
-    """``'auto'`` -> cuda if present, else cpu; any other torch device string as given."""
+    """``'auto'`` -> cuda if present, else cpu; any other torch device string as given, checked to
+    exist here (:func:`require_available`)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
-    except RuntimeError:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
         raise UsaeError(f"--device: unknown device {device!r}") from None
+    require_available(dev, device)
+    return dev
+
+
+def require_available(dev: torch.device, given: str) -> None:
+    """One-line UsaeError unless ``dev`` can run a command on this machine.
+
+    torch only finds out at the first tensor, as a traceback (no NVIDIA driver, no MPS build) or
+    a NotImplementedError much later ('meta' tensors hold no data).
+    """
+    fix = "use --device cpu or auto"
+    if dev.type == "meta":
+        raise UsaeError(f"--device {given}: the 'meta' device holds no data, so nothing can be computed on it; {fix}")
+    if dev.type == "cpu":
+        return
+    backend = getattr(torch.backends, dev.type, None) if dev.type == "mps" else getattr(torch, dev.type, None)
+    available = getattr(backend, "is_available", None)
+    if available is None or not available():
+        raise UsaeError(f"--device {given}: no {dev.type} device on this machine; {fix}")
+    count = getattr(backend, "device_count", lambda: 1)()
+    if dev.index is not None and dev.index >= count:
+        raise UsaeError(f"--device {given}: this machine has {count} {dev.type} device(s), numbered from 0; {fix}")
+
+
+def check_devices(cfg: object) -> None:
+    """Check every ``device`` field of a command's config (nested dataclasses too) before it runs:
+    a missing device is one line, at once, in every command."""
+    if not dataclasses.is_dataclass(cfg):
+        return
+    for field in dataclasses.fields(cfg):
+        value = getattr(cfg, field.name)
+        if field.name == "device" and isinstance(value, str):
+            resolve_device(value)
+        elif dataclasses.is_dataclass(value):
+            check_devices(value)
 
 
 def native_bf16(device: torch.device) -> bool:

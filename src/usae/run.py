@@ -18,7 +18,15 @@ from typing import Any
 
 import torch
 
-from usae._io import load_tensors, read_json, save_tensors_atomic, write_json_atomic
+from usae._input import NUMBER, Maybe, check_schema
+from usae._io import (
+    CHECKSUM_KEY,
+    load_tensors,
+    read_json,
+    safetensors_metadata,
+    save_tensors_atomic,
+    write_json_atomic,
+)
 from usae._version import __version__
 from usae.config import SAEConfig, TrainConfig, from_json_dict, to_json_dict
 from usae.data.store import Store, open_store
@@ -90,7 +98,13 @@ def read_run_config(run_dir: Path, formats: tuple[str, ...] = ("usae-run",), old
         raise UsaeError(f"{path}: unsupported schema_version {version!r} (this usae reads {SCHEMA_VERSION})")
     if "sae" not in cfg:
         raise UsaeError(f"{path}: missing field 'sae'")
+    for key, kind in (("train", dict), ("store", dict), ("models", list)):  # hand-edited: readers index them
+        if cfg.get(key) is not None and not isinstance(cfg[key], kind):
+            raise UsaeError(f"{path}: field {key!r} must be a JSON {_JSON_KIND[kind]}, got {type(cfg[key]).__name__}")
     return cfg
+
+
+_JSON_KIND = {dict: "object", list: "array"}
 
 
 def sae_config_from_run(cfg: dict[str, Any], where: Path) -> SAEConfig:
@@ -249,6 +263,66 @@ def trained_store_hash(run_dir: str | Path) -> str | None:
     return (read_run_config(Path(run_dir), ARTIFACT_FORMATS, older_ok=True).get("store") or {}).get("hash")
 
 
+# -- a report and the weights it measured ------------------------------------------------------------
+def weights_record(run_dir: str | Path) -> dict[str, Any]:
+    """What a report records of the weights it measured: RUN/model.safetensors's own checksum (its
+    header's ``usae_sha256``, no re-hash) and the run's newest checkpoint step (None if it has none)."""
+    run_dir = Path(run_dir)
+    sha = safetensors_metadata(run_dir / MODEL_NAME).get(CHECKSUM_KEY)
+    steps = [int(p.name[5:]) for p in (run_dir / "checkpoints").glob("step-*") if p.name[5:].isdigit()]
+    return {"sha256": sha, "step": max(steps, default=None)}
+
+
+def stale_report(run_dir: str | Path, report: dict[str, Any], path: Path) -> str | None:
+    """Why ``report`` does not describe the run's weights now (one line naming ``path``), or None.
+
+    A report of step 20 kept after ``train --resume`` to step 200 (or ``--overwrite``) would show
+    the older model's numbers; so would a report that records no weights (an older usae wrote it).
+    """
+    measured = report.get("weights")
+    if not isinstance(measured, dict) or not isinstance(measured.get("sha256"), str):
+        return f"{path}: records no weights it measured (written by an older usae)"
+    now = weights_record(run_dir)
+    if measured["sha256"] != now["sha256"]:
+        return (
+            f"{path}: measured other weights (step {measured.get('step')}) than {Path(run_dir) / MODEL_NAME} "
+            f"holds now (step {now['step']})"
+        )
+    return None
+
+
+_PER_CONCEPT = {str: [NUMBER]}
+REPORT_SCHEMA = {  # what the explorer and the card read of a report.json (docs/report.md has every key)
+    "model_names": [str],
+    "n_rows": int,
+    "n_latents": int,
+    "store": {"hash": Maybe(str)},
+    "tau": Maybe(NUMBER),
+    "fires": _PER_CONCEPT,
+    "energy": _PER_CONCEPT,
+    "firing_entropy": [Maybe(NUMBER)],
+    "cofiring": {"cofires": [NUMBER], "proportion": {str: [Maybe(NUMBER)]}},
+    "classes": {"labels": [str]},
+    "r2_matrix": [[Maybe(NUMBER)]],
+    **{k: Maybe(NUMBER) for k in ("r2_self_mean", "r2_cross_mean")},
+    "weights": Maybe({"sha256": Maybe(str), "step": Maybe(int)}),
+}
+
+
+def check_report(report: Any, path: Path) -> dict[str, Any]:
+    """``report`` checked against :data:`REPORT_SCHEMA`, every per-concept list ``n_latents`` long."""
+    check_schema(report, REPORT_SCHEMA, path)
+    n, names = report["n_latents"], report["model_names"]
+    lists = {"firing_entropy": report["firing_entropy"], "classes.labels": report["classes"]["labels"]}
+    lists |= {"cofiring.cofires": report["cofiring"]["cofires"]}
+    lists |= {f"{key}.{m}": (report[key].get(m) or []) for key in ("fires", "energy") for m in names}
+    lists |= {f"cofiring.proportion.{m}": report["cofiring"]["proportion"].get(m) or [] for m in names}
+    for key, values in lists.items():
+        if len(values) != n:
+            raise UsaeError(f"{path}: {key!r} lists {len(values)} concepts, the report has n_latents {n}")
+    return report
+
+
 def run_reports(run_dir: str | Path) -> list[Path]:
     """The evaluation reports in a run directory: report.json, then report-<store>.json by name."""
     run_dir = Path(run_dir)
@@ -329,7 +403,9 @@ def concept_of_dir(path: Path) -> int | None:
 
 def find_report(run_dir: str | Path, model_names: list[str], store: Store) -> tuple[Path, dict[str, Any]] | None:
     """(path, report) of RUN/report.json or a RUN/report-<store>.json (``usae evaluate RUN S1 S2``)
-    computed on every row of ``store`` (its content hash, not its path) for these models; None if none is.
+    computed on every row of ``store`` (its content hash, not its path) for these models, with the
+    run's weights as they are now (:func:`stale_report`); None if none is. A report that does not fit
+    :data:`REPORT_SCHEMA` is skipped with one warning.
 
     The name is only a hint: report.json is tried first, then the one named after the store's directory.
     """
@@ -344,6 +420,15 @@ def find_report(run_dir: str | Path, model_names: list[str], store: Store) -> tu
         if not isinstance(report, dict) or not isinstance(report.get("store"), dict):
             continue
         same = report["store"].get("hash") == store.hash and report.get("model_names") == model_names
-        if same and report.get("n_rows") == store.n_rows and "classes" in report:
-            return path, report
+        if not (same and report.get("n_rows") == store.n_rows and "classes" in report):
+            continue
+        try:
+            check_report(report, path)
+        except UsaeError as e:
+            log.warning("%s; skipped", e)
+            continue
+        if (why := stale_report(run_dir, report, path)) is not None:
+            log.info("%s; not used", why)
+            continue
+        return path, report
     return None

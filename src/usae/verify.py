@@ -28,8 +28,7 @@ def verify(path: str | Path) -> str:
         meta = read_json(path / "metadata.json", "metadata")
         if isinstance(meta, dict) and meta.get("format") == "usae-codes":
             codes = open_codes(path)
-            for name in codes.model_names:
-                codes.read(name)
+            codes.verify()
             return f"ok: codes {path} ({codes.n_rows} rows x {len(codes.model_names)} models)"
 
         store = open_store(path, verify=True)

@@ -351,6 +351,10 @@ def test_trained_run_end_to_end_with_independent_sae(world, tmp_path):
     assert all(f" {j} (" in text for j in "abcd") and "independent sae" in text and "mean ablation" in text
     path = write_splice(res, tmp_path / "out")
     assert json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON")) == res
+    from usae._input import check_schema
+    from usae.evaluation.fidelity.measures import SPLICE_SCHEMA
+
+    check_schema(res, SPLICE_SCHEMA, path)  # what evaluate's report checks on reading splice.json
     assert (tmp_path / "out" / "splice.png").stat().st_size > 1000
 
 

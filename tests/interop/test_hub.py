@@ -163,6 +163,7 @@ def test_export_run_uses_report_and_store_details(tmp_path):
     """Trains its own (3-step) run: on a store whose metadata names backbones, which the card reads."""
     from usae.__main__ import main
     from usae.data.store import write_store
+    from usae.run import weights_record
 
     x = {n: np.random.default_rng(1).normal(size=(300, d)).astype(np.float32) for n, d in (("a", 8), ("b", 12))}
     extra = {"backbones": {"a": {"backbone": "fake_vit", "layer": 3}, "b": {"backbone": "fake_cnn", "layer": "stage4"}}}
@@ -171,7 +172,10 @@ def test_export_run_uses_report_and_store_details(tmp_path):
     args = ["train", str(store), "--out", str(run), "--n-latents", "16", "--k", "2", "--steps", "3"]
     assert main([*args, "--batch-size", "64", "--no-progress"]) == 0
     (run / "report.json").write_text(
-        json.dumps({"r2_self_mean": 0.9, "r2_cross_mean": 0.5, "fvu": {"a": 0.1, "b": 0.2}, "l0": {"a": 2, "b": 2}})
+        json.dumps(
+            {"r2_self_mean": 0.9, "r2_cross_mean": 0.5, "fvu": {"a": 0.1, "b": 0.2}, "l0": {"a": 2, "b": 2}}
+            | {"weights": weights_record(run)}  # the report is of the run's weights as they are
+        )
     )
     assert main(["export", str(run), "--out", str(tmp_path / "pre")]) == 0
     cfg = json.loads((tmp_path / "pre/config.json").read_text())

@@ -12,6 +12,7 @@ from typing import Literal
 import tyro
 
 from usae.config.convert import refuse_invalid
+from usae.config.extract import MAX_VIEW_SIZE
 from usae.errors import UsaeError
 
 
@@ -106,7 +107,7 @@ class MaximizeConfig:
         checks = {"steps": self.steps >= 1, "n_crops": self.n_crops >= 1, "lr": self.lr > 0}
         checks["spectrum_images"] = self.spectrum_images >= 1
         checks["spectrum"] = self.spectrum in (None, "data", "1/f")
-        checks["size"] = self.size is None or self.size >= 8
+        checks["size"] = self.size is None or 8 <= self.size <= MAX_VIEW_SIZE
         checks["crop_scale"] = 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1
         checks["noise"] = self.noise >= 0
         refuse_invalid("maximize", self, checks)

@@ -11,6 +11,11 @@ from typing import Literal
 
 from usae.config.convert import refuse_invalid
 
+MAX_GRID = 256
+"""The largest token grid side: 65 536 tokens per image, far beyond any backbone's native grid."""
+MAX_VIEW_SIZE = 4096
+"""The largest canonical view (and maximisation image) side, in pixels: images are decoded to fit it."""
+
 
 @dataclass(frozen=True)
 class ExtractConfig:
@@ -80,8 +85,8 @@ class ExtractConfig:
             "batch_size": self.batch_size >= 1,
             "images_per_part": self.images_per_part >= 1,
             "decode_threads": self.decode_threads >= 1,
-            "grid": self.grid is None or self.grid >= 1,
-            "view_size": self.view_size is None or self.view_size >= 1,
+            "grid": self.grid is None or 1 <= self.grid <= MAX_GRID,
+            "view_size": self.view_size is None or 1 <= self.view_size <= MAX_VIEW_SIZE,
             "max_images": self.max_images is None or self.max_images >= 1,
             "tokens_per_image": self.tokens_per_image is None or self.tokens_per_image >= 1,
             "max_rows": self.max_rows is None or self.max_rows >= 1,

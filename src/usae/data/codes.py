@@ -15,6 +15,7 @@ once complete, like a store.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 from typing import NamedTuple
@@ -133,12 +134,50 @@ class Codes:
             return np.empty((0, self.k), np.int32), np.empty((0, self.k), np.float32)
         return np.concatenate(idx), np.concatenate(val)
 
+    def verify(self) -> None:
+        """Re-hash every shard (``shard_sha256``, where recorded) and check every entry: an index in
+        [-1, n_latents), a finite value >= 0, and 0 in empty (-1) slots. UsaeError naming the file."""
+        recorded = self.metadata.get("shard_sha256")
+        recorded = recorded if isinstance(recorded, dict) else {}  # codes written before it lack it
+        for name in self.model_names:
+            for i in range(self.metadata["n_shards"]):
+                files = [self._load(name, i, which) for which in (0, 1)]
+                paths = [self.path / name / f for f in codes_shard_names(i)]
+                for path, a, want in zip(paths, files, _recorded(recorded, name, i), strict=True):
+                    if want is not None and hashlib.sha256(np.ascontiguousarray(a)).hexdigest() != want:
+                        raise UsaeError(f"{path}: contents changed since writing (sha256 mismatch)")
+                _check_entries(np.asarray(files[0]), np.asarray(files[1], np.float32), self.n_latents, paths)
+
     def dense(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """(n, n_latents) float32 dense codes of rows [start, stop)."""
         idx, val = self.read(name, start, stop)
         z = np.zeros((idx.shape[0], self.n_latents + 1), np.float32)  # column n_latents absorbs -1 slots
         np.put_along_axis(z, np.where(idx < 0, self.n_latents, idx), val, axis=1)
         return z[:, : self.n_latents]
+
+
+def shard_digests(idx_bk: np.ndarray, val_bk: np.ndarray) -> list[str]:
+    """[indices sha256, values sha256] of one shard's data, as metadata's ``shard_sha256`` lists them."""
+    return [hashlib.sha256(np.ascontiguousarray(a)).hexdigest() for a in (idx_bk, val_bk)]
+
+
+def _recorded(recorded: dict, name: str, i: int) -> list[str | None]:
+    shards = recorded.get(name)
+    pair = shards[i] if isinstance(shards, list) and i < len(shards) else None
+    return list(pair) if isinstance(pair, list) and len(pair) == 2 else [None, None]
+
+
+def _check_entries(idx_bk: np.ndarray, val_bk: np.ndarray, n_latents: int, paths: list[Path]) -> None:
+    bad = (idx_bk < -1) | (idx_bk >= n_latents)
+    if bad.any():
+        row = int(np.argwhere(bad)[0][0])
+        raise UsaeError(f"{paths[0]}: row {row} holds latent index {int(idx_bk[bad][0])}, outside [-1, {n_latents})")
+    bad = ~np.isfinite(val_bk) | (val_bk < 0) | ((idx_bk < 0) & (val_bk != 0))
+    if bad.any():
+        row = int(np.argwhere(bad)[0][0])
+        raise UsaeError(
+            f"{paths[1]}: row {row} holds value {float(val_bk[bad][0])!r}, not a code (finite, >= 0, 0 in empty slots)"
+        )
 
 
 def open_codes(codes_dir: str | Path) -> Codes:

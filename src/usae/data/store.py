@@ -37,6 +37,7 @@ from usae.data.store_format import (
     SCHEMA_SUBSAMPLED,
     SCHEMA_VERSIONS,
     ModelStats,
+    RunningStats,
     check_layout,
     check_model,
     check_positions,
@@ -140,6 +141,25 @@ def _check_fields(meta: dict[str, Any], where: Path) -> None:
             for k in ("mean", "var")
         ):
             raise UsaeError(f"{where}: field 'stats' entry for model {model['name']!r} is missing or malformed")
+        _check_stats(s, model["name"], where)
+
+
+def _check_stats(s: dict[str, Any], name: str, where: Path) -> None:
+    """A model's statistics as training reads them: a variance >= 0, a std >= 0 that is sqrt(mean(var)),
+    a scalar_mean that is mean(mean). An edited std of 0 or -1 trained silently into garbage (cross
+    R² -1e15); cross-checking the fields catches a hand edit of one without re-reading the shards."""
+    field = f"{where}: field 'stats.{name}"
+    if min(s["var"]) < 0:
+        raise UsaeError(f"{field}.var' holds a negative variance ({min(s['var'])!r})")
+    if s["std"] < 0:
+        raise UsaeError(f"{field}.std' is {s['std']!r}; a standard deviation is >= 0")
+    with np.errstate(over="ignore"):  # edited values near 1e308: an inf mean is a mismatch, not a crash
+        var_mean, mean_mean = (float(np.mean(np.asarray(s[k], np.float64))) for k in ("var", "mean"))
+    expected = {"std": math.sqrt(var_mean), "scalar_mean": mean_mean}
+    scale = s["std"] + max(abs(v) for v in s["mean"])
+    for key, value in expected.items():
+        if not math.isclose(s[key], value, rel_tol=1e-4, abs_tol=1e-6 * scale):
+            raise UsaeError(f"{field}.{key}' is {s[key]!r}, but its mean/var give {value:.6g}; was it edited?")
 
 
 def _check_shard(path: Path, n_rows: int, d: int, dtype: np.dtype, what: str = "shard") -> None:
@@ -335,9 +355,9 @@ class Store:
         """Re-hash every shard; raise UsaeError naming the first file that does not match."""
         shard_sha = self.metadata.get("shard_sha256")
         shard_sha = shard_sha if isinstance(shard_sha, dict) else {}  # optional field
-        digests = []
+        digests, computed = [], {}
         for name, d in self.widths.items():
-            model_sha = hashlib.sha256()
+            model_sha, stats = hashlib.sha256(), RunningStats(d)  # statistics derive from the data
             rows_per_chunk = max(1, HASH_CHUNK_BYTES // (d * self.dtype.itemsize))
             for i in range(self.n_shards):
                 shard_mm, sha = self._shard(name, i), hashlib.sha256()
@@ -345,16 +365,31 @@ class Store:
                     chunk = np.ascontiguousarray(shard_mm[lo : lo + rows_per_chunk])
                     model_sha.update(chunk)
                     sha.update(chunk)
+                    stats.update(chunk)
                 recorded = shard_sha.get(name, [])
                 if i < len(recorded) and recorded[i] != sha.hexdigest():
                     raise UsaeError(f"{self._shard_path(name, i)}: contents changed since writing (sha256 mismatch)")
             digests.append((name, d, model_sha.hexdigest()))
+            computed[name] = stats
         if self.subsampled:
             raw = np.load(self.path / POSITIONS_NAME, mmap_mode="r", allow_pickle=False)
             if hashlib.sha256(np.ascontiguousarray(raw)).hexdigest() != self.metadata["token_positions"]["sha256"]:
                 raise UsaeError(f"{self.path / POSITIONS_NAME}: contents changed since writing (sha256 mismatch)")
         if content_hash(self.metadata["dtype"], self.n_rows, digests) != self.hash:
             raise UsaeError(f"{self.path / METADATA_NAME}: field 'hash' does not match the shard contents")
+        for name, stats in computed.items():
+            self._compare_stats(name, stats)
+
+    def _compare_stats(self, name: str, stats: RunningStats) -> None:
+        """The recorded statistics against those of the shard data (which the content hash covers)."""
+        recorded, actual = self.metadata["stats"][name], stats.to_json()
+        scale = math.sqrt(max(actual["var"])) + max(abs(v) for v in actual["mean"])
+        for key in ("mean", "var", "std", "scalar_mean"):
+            got, want = np.atleast_1d(recorded[key]), np.atleast_1d(actual[key])
+            if not np.allclose(got, want, rtol=1e-4, atol=1e-6 * (scale + 1e-30) * (scale if key == "var" else 1)):
+                raise UsaeError(
+                    f"{self.path / METADATA_NAME}: field 'stats.{name}.{key}' does not match the shard data; was it edited?"
+                )
 
     def __len__(self) -> int:
         return self.n_rows

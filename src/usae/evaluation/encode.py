@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from usae._io import check_output, fsync_path, output_dir, publish_dir, save_npy, write_durable
 from usae._version import __version__
 from usae.config import EncodeConfig
-from usae.data.codes import FORMAT, METADATA_NAME, SCHEMA_VERSION, codes_shard_names, top_codes
+from usae.data.codes import FORMAT, METADATA_NAME, SCHEMA_VERSION, codes_shard_names, shard_digests, top_codes
 from usae.device import resolve_device
 from usae.errors import UsaeError
 from usae.run import load, open_run_store, read_run_config
@@ -45,6 +45,8 @@ def encode_store(cfg: EncodeConfig) -> Path:
         raise UsaeError(f"--models: {unknown[0]!r} is not a model of run {cfg.run} ({sae.model_names})")
     sae, store = open_run_store(sae, cfg.store, str(device), models=names)  # only the models encoded
     k = cfg.k if cfg.k is not None else (sae.k if sae.cfg.activation == "topk" else min(4 * sae.k, sae.n_latents))
+    if not 1 <= k <= sae.n_latents:  # before allocating (rows, k) shards: a huge --k was a MemoryError
+        raise UsaeError(f"--k {k}: must be in [1, n_latents={sae.n_latents}]")
     n_rows = store.n_rows if cfg.max_rows is None else min(cfg.max_rows, store.n_rows)
     run_cfg = read_run_config(cfg.run, ("usae-run", "usae-pretrained"), older_ok=True)
     meta = {
@@ -68,6 +70,7 @@ def encode_store(cfg: EncodeConfig) -> Path:
             "n_rows": store.n_rows,
         },
         "n_truncated_rows": dict.fromkeys(names, 0),
+        "shard_sha256": {name: [] for name in names},  # per shard [indices, values]: `usae verify` re-hashes
     }
     with output_dir(out.parent):
         partial = out.with_name(out.name + ".partial")
@@ -113,6 +116,7 @@ def _write_shards(sae, store, names, k, n_rows, cfg: EncodeConfig, partial: Path
         for name in names:
             save_npy(partial / name / idx_name, idx_mbk[name])
             save_npy(partial / name / val_name, val_mbk[name])
+            meta["shard_sha256"][name].append(shard_digests(idx_mbk[name], val_mbk[name]))
     for name in names:
         fsync_path(partial / name)
     bar.close()

@@ -18,17 +18,18 @@ from typing import Any, overload
 import torch
 from tqdm.auto import tqdm
 
+from usae._input import check_schema
 from usae._io import check_output, output_dir, read_json, write_json_atomic
 from usae.config import EvalConfig, LabelConfig
 from usae.config.evaluate import ClassThresholds
 from usae.data.store import Store, open_store
 from usae.device import require_memory, resolve_device
 from usae.evaluation.classes import classify, thresholds_of
-from usae.evaluation.fidelity.measures import SPLICE_JSON
-from usae.evaluation.naming.label import LABELS_JSON, label, naming_summary
+from usae.evaluation.fidelity.measures import SPLICE_JSON, SPLICE_SCHEMA
+from usae.evaluation.naming.label import LABELS_JSON, label, naming_summary, too_small_to_name
 from usae.model import metrics
 from usae.model.sae import UniversalSAE, dense
-from usae.run import open_run_store, trained_store_hash
+from usae.run import open_run_store, trained_store_hash, weights_record
 
 log = logging.getLogger(__name__)
 
@@ -245,10 +246,11 @@ def _evaluate_into(cfg: EvalConfig, sae: UniversalSAE, out_dir: Path, json_paths
     if cfg.report and cfg.label:
         _label_if_labelled(cfg)
     trained_on = trained_store_hash(cfg.run)
+    weights = weights_record(cfg.run)  # ties each report to these weights: explore and export check it
     reports = []
     for store_path, json_path in zip(cfg.stores, json_paths, strict=True):
         _, store = open_run_store(sae, store_path, cfg.device)
-        reports.append(evaluate_sae(sae, store, cfg, trained_on=trained_on))
+        reports.append(evaluate_sae(sae, store, cfg, trained_on=trained_on) | {"weights": weights})
         write_json_atomic(json_path, reports[-1])
         log.info("wrote %s", json_path)
     if cfg.report:
@@ -258,6 +260,8 @@ def _evaluate_into(cfg: EvalConfig, sae: UniversalSAE, out_dir: Path, json_paths
         baselines = read_json(baselines_path, "baselines") if baselines_path.is_file() else None
         splice_path = cfg.run / SPLICE_JSON
         splice = read_json(splice_path, "splice results") if splice_path.is_file() else None
+        if splice is not None:
+            check_schema(splice, SPLICE_SCHEMA, splice_path)
         write_report(reports, out_dir, baselines, splice=splice, naming=_naming(cfg.run, reports))
     return reports
 
@@ -269,6 +273,10 @@ def _label_if_labelled(cfg: EvalConfig) -> None:
         return
     path = Path(cfg.run) / LABELS_JSON
     if path.is_file() and (read_json(path, "concept labels").get("store") or {}).get("hash") == store.hash:
+        return
+    defaults = LabelConfig(run=cfg.run, store=store.path)
+    if (why := too_small_to_name(store, defaults.n_top, defaults.n_top_tokens)) is not None:
+        log.info("not naming the concepts: %s (usae label RUN STORE --n-top N names them)", why)
         return
     n_images = len(store.image_ids) if store.image_ids is not None else store.n_rows
     log.info(

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from usae._input import NUMBER, NUMBER_OR_NULL, Maybe, check_schema
 from usae._io import read_json
 from usae.config import ExploreConfig
 from usae.data.store import Store
@@ -83,8 +84,19 @@ def _read_plain_labels(path: Path, data: Any, n_latents: int) -> dict[int, str]:
     return labels
 
 
+# a concept page's row: every key read (a missing one was a template error), the numbers as numbers
+_SCORES = {"label": str, "significant": bool} | {
+    k: NUMBER_OR_NULL for k in ("precision_at_n", "lift", "auroc", "p_value", "n")
+}
+_SUMMARY = Maybe({"used": Maybe({str: NUMBER}), "named": Maybe({str: NUMBER}), **{
+    k: Maybe(NUMBER) for k in ("shared", "agreed", "p_threshold")}})  # fmt: skip
+# What the site reads of a labels.json (a number shown on a page must be a number; docs/format.md has the rest)
+_FAMILY_SCHEMA = {"level": Maybe(str), "n_items": Maybe(NUMBER), "summary": _SUMMARY, "shuffled": _SUMMARY}
+
+
 def _check_scored_labels(path: Path, data: dict, n_latents: int, model_names: list[str]) -> dict[str, Any]:
-    """labels.json checked against the run (models, concept ids); concept keys become ints."""
+    """labels.json checked against the run (models, concept ids) and the schema of what the pages
+    show (``check_schema``: a string where a score belongs is one line naming the key); concept keys become ints."""
 
     def bad(what: str) -> UsaeError:
         return UsaeError(f"{path}: not a labels.json of `usae label` for this run: {what}")
@@ -98,6 +110,7 @@ def _check_scored_labels(path: Path, data: dict, n_latents: int, model_names: li
     for fam, f in families.items():
         if not isinstance(f, dict) or not isinstance(f.get("concepts"), dict):
             raise bad(f"family {str(fam)[:40]!r} has no 'concepts' object")
+        check_schema(f, _FAMILY_SCHEMA, path, f"families.{fam}")
         concepts = {}
         for key, entry in f["concepts"].items():
             if not str(key).isdigit() or not 0 <= int(key) < n_latents or not isinstance(entry, dict):
@@ -108,6 +121,7 @@ def _check_scored_labels(path: Path, data: dict, n_latents: int, model_names: li
                 s = entry.get(m)
                 if s is not None and not (isinstance(s, dict) and isinstance(s.get("label"), str)):
                     raise bad(f"family {fam!r}, concept {key}, model {m!r}: expected null or an object with a 'label'")
+                check_schema(s, Maybe(_SCORES), path, f"families.{fam}.concepts.{key}.{m}")
             if entry.get("best") is not None and not isinstance(entry["best"], str):
                 raise bad(f"family {fam!r}, concept {key}: 'best' is not text")
             concepts[int(key)] = entry

@@ -287,9 +287,9 @@ def maximize(cfg, /, concept=None, models=None, **options):
     """
     if not isinstance(cfg, MaximizeConfig):
         return maximize_concept(cfg, concept, models, **options)
-    out_root = check_output(
-        cfg.out or maximize_dir(cfg.run), "", reading=(cfg.store,) if cfg.store else (), replaces=False
-    )
+    # the run's own store is an input too, found as _prepare finds it (--out STORE/b wrote into it)
+    store_dir = cfg.store or trained_store_dir(cfg.run)
+    out_root = check_output(cfg.out or maximize_dir(cfg.run), "", reading=(store_dir,), replaces=False)
     setup = _prepare(cfg)
     natural: dict[int, dict[str, NaturalBest]] = {}
     if cfg.compare and _can_compare(setup.sae, setup.store):

@@ -391,7 +391,10 @@ def explore(cfg, store=None, out=None, /, **fields):
     """
     if not isinstance(cfg, ExploreConfig):
         cfg = ExploreConfig(run=Path(cfg), store=Path(store), out=Path(out), **fields)
-    out = check_output(cfg.out, "", overwrite=True, reading=(cfg.run, cfg.store), replaces=False)
+    # replaces=True: an earlier site is deleted whole, so OUT may not contain an input either (a run
+    # copied inside an old site would go with it)
+    inputs = (cfg.run, cfg.store) + (() if cfg.labels is None else (cfg.labels,))
+    out = check_output(cfg.out, "", overwrite=True, reading=inputs, replaces=True)
     if out.exists() and not ((out / SITE_MARKER).is_file() or not any(out.iterdir())):
         raise UsaeError(f"{out} exists and is not a concept explorer site; refusing to replace it")
     tmp = out.with_name(f"{out.name}.partial")

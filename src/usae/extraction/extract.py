@@ -49,8 +49,22 @@ from usae.data.store import StoreWriter
 from usae.device import resolve_device
 from usae.errors import UsaeError
 from usae.extraction.backbones import Backbone, check_alias, check_spec, load_backbone
-from usae.extraction.images import BadImage, ImageSet, alpha_cropped, canonical_view, open_images
-from usae.extraction.labels import demo_descriptions, image_labels, split_images
+from usae.extraction.images import (
+    BadImage,
+    ImageSet,
+    alpha_cropped,
+    canonical_view,
+    open_images,
+)
+from usae.extraction.inputs import extraction_inputs
+from usae.extraction.labels import (  # noqa: F401  (val_store_path: extraction's public API)
+    demo_descriptions,
+    image_labels,
+    remove_stale_twin,
+    split_images,
+    stale_twin,
+    val_store_path,
+)
 from usae.extraction.subsample import RULE, kept_rows, positions_of, token_budget
 
 log = logging.getLogger(__name__)
@@ -111,6 +125,12 @@ def _plan(
 def _prepare_parts_dir(parts_dir: Path, plan: dict) -> None:
     """Create the parts directory with its plan, or check that a leftover one is the same job."""
     plan_path = parts_dir / PLAN_NAME
+    if plan_path.is_file() and not _any_finished_part(parts_dir):
+        # nothing to resume: a plan that never wrote a part does not hold back another command
+        if read_json(plan_path, "extraction plan") != plan:
+            log.info("%s: replacing the plan of an earlier extraction that finished no part", parts_dir)
+        write_json_atomic(plan_path, plan)
+        return
     if plan_path.is_file():
         old = read_json(plan_path, "extraction plan")
         if old != plan:
@@ -220,12 +240,6 @@ def _run_part(ctx: dict, p: int, indices: list[int], pool: ThreadPoolExecutor, b
     _write_part(ctx["parts_dir"], p, arrays, kept, skipped, cfg.dtype)
 
 
-def val_store_path(out: Path) -> Path:
-    """Where ``--val-fraction`` puts the held-out images' store: OUT-val beside OUT."""
-    out = Path(os.path.abspath(out))
-    return out.with_name(out.name + "-val")
-
-
 def _finalize(ctx: dict, n_parts: int) -> Path:
     """Stream every part, in image order, into the store (and the held-out store); then remove the parts."""
     cfg, backbones, grid, images, parts_dir = ctx["cfg"], ctx["backbones"], ctx["grid"], ctx["images"], ctx["parts_dir"]
@@ -237,9 +251,13 @@ def _finalize(ctx: dict, n_parts: int) -> Path:
         skipped += ids["skipped"]
     if not kept:
         raise UsaeError(f"no readable images among the {len(skipped)} selected from {cfg.images}")
-    labels = image_labels(images, cfg.labels, cfg.label_column) if cfg.labels else None
-    descriptions = demo_descriptions(images)
+    labels, descriptions = ctx["labels"], demo_descriptions(images)
     held = split_images([labels[j] for j in kept] if labels else None, len(kept), cfg.val_fraction, cfg.val_seed)
+    if cfg.val_fraction > 0 and not held.any():
+        log.warning(
+            "--val-fraction %g holds out 0 of %d images: there is no held-out store, so every number is in-sample; "
+            "raise --val-fraction to hold out at least one image", cfg.val_fraction, len(kept),
+        )  # fmt: skip
     outs = {"train": ctx["out"]} | ({"val": val_store_path(ctx["out"])} if held.any() else {})
     t, keep = grid[0] * grid[1], ctx["keep"]
     writers = {}
@@ -291,6 +309,8 @@ def _finalize(ctx: dict, n_parts: int) -> Path:
             if mask.any():
                 writer.append({name: a[mask] for name, a in arrays.items()} if not mask.all() else arrays)
     paths = {split: writer.finalize() for split, writer in writers.items()}
+    if "val" not in paths:
+        remove_stale_twin(ctx["out"])
     shutil.rmtree(parts_dir)
     if skipped:
         log.warning("skipped %d unreadable image(s) of %d", len(skipped), len(skipped) + len(kept))
@@ -314,11 +334,14 @@ def check_model_names(specs: tuple[str, ...], backbones: list[Backbone] | None =
 
 
 def _check_outputs(cfg: ExtractConfig) -> Path:
-    """Refuse, before anything is loaded or written, an --out (or its OUT-val twin) that would clobber."""
-    out = check_output(cfg.out, "usae-store", overwrite=cfg.overwrite, reading=(), replaces=True)
-    if cfg.val_fraction > 0:
+    """Refuse, before anything is loaded or written, an --out (or its OUT-val twin) that would clobber
+    a store, a foreign directory or an input (the images, their list, the label CSV)."""
+    reading = extraction_inputs(cfg)
+    out = check_output(cfg.out, "usae-store", overwrite=cfg.overwrite, reading=reading, replaces=True)
+    twin = val_store_path(out)
+    if cfg.val_fraction > 0 or stale_twin(out) is not None:  # a twin left by an earlier split is replaced too
         flag = f"--out {cfg.out}: its held-out store"
-        check_output(val_store_path(out), "usae-store", overwrite=cfg.overwrite, replaces=True, flag=flag)
+        check_output(twin, "usae-store", overwrite=cfg.overwrite, reading=reading, replaces=True, flag=flag)
     parts = parts_dir_for(out)
     foreign = (parts.exists() or parts.is_symlink()) and not (parts / PLAN_NAME).is_file()
     if foreign and (not parts.is_dir() or any(parts.iterdir())):
@@ -338,15 +361,14 @@ def extract(cfg: ExtractConfig, backbones: list[Backbone] | None = None) -> Path
     out = _check_outputs(cfg)
     world, device = distributed.init(resolve_device(cfg.device))
     parts_dir = parts_dir_for(out)
-    fresh = not parts_dir.exists()
     # One extraction per store: rank 0 holds the store's lock (the writer re-enters it) until it is published.
     lock = dir_lock(sibling_lock(out), f"store {out}") if world.is_main else contextlib.nullcontext()
     with output_dir(out.parent), lock:
         try:
             return _extract(cfg, out, backbones, world, device)
         except BaseException:
-            # nothing finished yet: the work directory holds only the plan; leave no trace
-            if world.is_main and fresh and parts_dir.is_dir() and not _any_finished_part(parts_dir):
+            # nothing finished: the work directory holds only a plan, nothing to resume; leave no trace
+            if world.is_main and parts_dir.is_dir() and not _any_finished_part(parts_dir):
                 shutil.rmtree(parts_dir, ignore_errors=True)
             raise
 
@@ -364,6 +386,9 @@ def _extract(
     grid = common_grid(backbones, cfg.grid)
     chosen, keep = token_budget(chosen, grid[0] * grid[1], cfg.tokens_per_image, cfg.max_rows)
     view = cfg.view_size or max(b.input_size for b in backbones)
+    # every input is read and checked before the work directory exists (a bad label CSV used to fail
+    # only once every image was extracted, and its plan then refused the corrected command)
+    labels = image_labels(images, cfg.labels, cfg.label_column) if cfg.labels else None
     parts_dir = parts_dir_for(out)
     if world.is_main:
         _prepare_parts_dir(parts_dir, _plan(cfg, images, chosen, backbones, grid, view, keep))
@@ -374,7 +399,7 @@ def _extract(
     todo = [p for p in range(n_parts) if p % world.size == world.rank and not (parts_dir / _part_name(p)).is_dir()]
     n_todo = sum(len(chosen[p * per : (p + 1) * per]) for p in todo)
     ctx = dict(cfg=cfg, out=out, backbones=backbones, grid=grid, view=view, images=images, device=device)
-    ctx |= dict(parts_dir=parts_dir, keep=keep)
+    ctx |= dict(parts_dir=parts_dir, keep=keep, labels=labels)
     log.info(
         "extracting %d images × %d models (%s) on a %dx%d grid%s; %d of %d parts to do",
         len(chosen), len(backbones), ", ".join(f"{b.name} d={b.width}" for b in backbones), *grid,

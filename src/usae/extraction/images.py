@@ -29,8 +29,9 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
+from usae._input import file_kind, read_user_text, regular_file
 from usae.errors import UsaeError
 from usae.extraction.builtin_images import builtin_listing
 
@@ -85,6 +86,10 @@ def open_oriented(path: str | Path, alpha_crop: bool = False) -> Image.Image:
     Raises :class:`BadImage` naming the file if it cannot be decoded.
     """
     try:
+        regular_file(Path(path), "image")  # stat before open: a FIFO in a list would block the read forever
+    except UsaeError as e:
+        raise BadImage(str(e)) from None
+    try:
         with warnings.catch_warnings():
             # over the limit: decoded reduced below instead of a DecompressionBombWarning per file
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -98,7 +103,9 @@ def open_oriented(path: str | Path, alpha_crop: bool = False) -> Image.Image:
                 # camera photos store their rotation in EXIF; models should see them upright
                 img = ImageOps.exif_transpose(img)
                 return crop_to_alpha(img) if alpha_crop else img
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
+    # PIL's parsers raise more than OSError on damaged bytes: SyntaxError for a broken EXIF block (a
+    # WebP's "not a TIFF file"), struct.error, IndexError, ...; each is one unreadable image, not a crash
+    except (Exception, Image.DecompressionBombError) as e:
         raise BadImage(f"{path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
 
 
@@ -151,6 +158,8 @@ class FileImages(ImageSet):
         """Images with transparency are cropped to their visible pixels (``usae extract --alpha-crop``)."""
         self.not_images: dict[str, int] = {}
         """A folder source's other files by extension (most frequent first), which are not read."""
+        self.special: dict[str, int] = {}
+        """Entries left out because they are no regular file (FIFO, socket, device, broken link), by kind."""
 
     def path(self, j: int) -> Path:
         return self.root / self.ids[j] if self.root is not None else Path(self.ids[j])
@@ -197,20 +206,31 @@ def folder_images(root: str | Path) -> FileImages:
         raise UsaeError(f"{root}: not a directory of images")
     ids: list[str] = []
     others: Counter[str] = Counter()
+    special: Counter[str] = Counter()
     for p in root.rglob("*"):
-        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
+        kind = file_kind(p)
+        if kind == "file" and p.suffix.lower() in IMAGE_SUFFIXES:
             ids.append(p.relative_to(root).as_posix())
-        elif p.is_file():
+        elif kind == "file":
             others[p.suffix.lower() or "(no extension)"] += 1
+        elif kind != "directory":
+            special[kind] += 1
     if not ids:
         raise UsaeError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
     images = FileImages(sorted(ids), root, {"kind": "folder", "root": str(root)})
-    images.not_images = dict(others.most_common())
+    images.not_images, images.special = dict(others.most_common()), dict(special.most_common())
     return images
 
 
 def log_not_images(images: ImageSet) -> None:
-    """One log line for the files of a folder source that are not images (they are not extracted)."""
+    """One log line for the files of a folder source that are not images (they are not extracted), and
+    one for the entries of a folder or list that are no regular file (a FIFO, socket or device)."""
+    special = getattr(images, "special", None)
+    if special:
+        log.warning(
+            "skipped %d entries that are not regular files (%s): a FIFO, socket or device is never read as an image",
+            sum(special.values()), ", ".join(f"{kind} {n}" for kind, n in special.items()),
+        )  # fmt: skip
     counts = getattr(images, "not_images", None)
     if not counts:
         return
@@ -222,11 +242,31 @@ def log_not_images(images: ImageSet) -> None:
 
 
 def path_images(paths: Sequence[str | Path]) -> FileImages:
-    """A plain list of image paths, in the order given (ids are the absolute paths)."""
-    ids = [str(Path(p).expanduser().resolve()) for p in paths]
+    """A plain list of image paths, in the order given (ids are the absolute paths).
+
+    Entries that exist but are no regular file (a FIFO, socket or device) are left out and counted
+    (``special``); a missing file stays, to be skipped as unreadable like a damaged one.
+    """
+    ids: list[str] = []
+    special: Counter[str] = Counter()
+    for p in paths:
+        path = Path(p).expanduser()
+        kind = file_kind(path)
+        if kind in ("file", "missing file"):
+            ids.append(str(path.resolve()))
+        else:
+            special[kind] += 1
     if not ids:
-        raise UsaeError("empty list of image paths")
-    return FileImages(ids, None, {"kind": "paths", "paths": ids})
+        raise UsaeError(f"no image files in the list of {len(paths)} paths" if paths else "empty list of image paths")
+    images = FileImages(ids, None, {"kind": "paths", "paths": ids})
+    images.special = dict(special.most_common())
+    return images
+
+
+def list_file_paths(path: Path) -> list[Path]:
+    """The image paths a list file (.txt) names, one per line; relative ones are under the list's folder."""
+    lines = [ln.strip() for ln in read_user_text(path, "image list").splitlines() if ln.strip()]
+    return [Path(ln) if Path(ln).is_absolute() else path.parent / ln for ln in lines]
 
 
 def dataset_images(name: str, split: str = "train", column: str = "image") -> DatasetImages:
@@ -279,9 +319,10 @@ def open_images(spec: str | Path | Sequence[str | Path], split: str = "train", c
         images = folder_images(path)
         log_not_images(images)
         return images
-    if path.is_file() and path.suffix.lower() == ".txt":
-        lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
-        return path_images([(path.parent / ln) if not Path(ln).is_absolute() else ln for ln in lines])
+    if path.suffix.lower() == ".txt" and (path.exists() or path.is_symlink()):
+        images = path_images(list_file_paths(path))
+        log_not_images(images)
+        return images
     raise UsaeError(
         f"{text}: not a folder of images, a list file (.txt), 'hf:NAME[:SPLIT]' or 'builtin:demo|openclipart|large'"
     )

@@ -12,12 +12,14 @@ packaged photographs their names, and every stamp the first (English) line of it
 
 from __future__ import annotations
 
-import csv
 import logging
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 
+from usae._io import one_line, read_json, read_user_csv, regular_file
 from usae.errors import UsaeError
 from usae.extraction.builtin_images import TUXPAINT_STAMPS, folder_label_of
 from usae.extraction.images import DatasetImages, FileImages, ImageSet
@@ -32,8 +34,10 @@ def image_labels(images: ImageSet, source: str, label_column: str = "label") -> 
     if source == "hf":
         return _dataset_labels(images, label_column)
     path = Path(source).expanduser()
+    if path.suffix.lower() == ".csv" or path.exists():  # a FIFO or directory says what it is
+        regular_file(path, "label file")
     if path.suffix.lower() == ".csv":
-        return _csv_labels(path, images.ids)
+        return csv_labels(path, images.ids)
     raise UsaeError(f"--labels: {source!r} is not 'folders', 'hf' or a .csv file")
 
 
@@ -70,18 +74,18 @@ def _dataset_labels(images: ImageSet, column: str) -> list[list[str]]:
     return out
 
 
-def _csv_labels(path: Path, ids: list[str]) -> list[list[str]]:
-    """``image,label[;label...]`` rows; a row that does not parse is a one-line error naming its line."""
-    if not path.is_file():
-        raise UsaeError(f"{path}: label file not found")
+def csv_labels(path: Path, ids: list[str]) -> list[list[str]]:
+    """``image,label[;label...]`` rows (read by ``_io.read_user_csv``: UTF-8 or UTF-16 with a BOM, any
+    field length); a row that does not parse is a one-line error naming file:line."""
     by_key: dict[str, list[str]] = {}
-    with path.open(newline="", encoding="utf-8") as f:
-        for line_no, row in enumerate(csv.reader(f), start=1):
-            if not row or (line_no == 1 and row[0].strip().lower() == "image"):
-                continue
-            if len(row) != 2 or not row[0].strip() or not row[1].strip():
-                raise UsaeError(f"{path}:{line_no}: expected 'image,label[;label...]', got {','.join(row)!r}")
-            by_key[row[0].strip()] = [lb.strip() for lb in row[1].split(";") if lb.strip()]
+    for i, (line_no, row) in enumerate(read_user_csv(path, "label file")):
+        if not row or (i == 0 and row[0].strip().lower() == "image"):
+            continue
+        if len(row) != 2 or not row[0].strip() or not row[1].strip():
+            raise UsaeError(
+                f"{path}:{line_no}: expected 'image,label[;label...]', got {one_line(','.join(row))[:80]!r}"
+            )
+        by_key[row[0].strip()] = [lb.strip() for lb in row[1].split(";") if lb.strip()]
     names = [Path(i).name for i in ids]
     unique_name = {n for n in names if names.count(n) == 1}
     out, missing = [], 0
@@ -132,3 +136,36 @@ def split_images(labels: list[list[str]] | None, n: int, fraction: float, seed: 
     if held.all():
         held[0] = False
     return held
+
+
+# -- the held-out twin OUT-val ---------------------------------------------------------------------
+def val_store_path(out: Path) -> Path:
+    """Where ``--val-fraction`` puts the held-out images' store: OUT-val beside OUT."""
+    out = Path(os.path.abspath(out))
+    return out.with_name(out.name + "-val")
+
+
+def stale_twin(out: Path) -> Path | None:
+    """OUT-val when it is the held-out store an earlier extraction into ``out`` wrote (its
+    ``extra.split.other`` names ``out``); None otherwise (absent, or not that store's twin)."""
+    twin = val_store_path(out)
+    try:
+        meta = read_json(twin / "metadata.json", "metadata") if (twin / "metadata.json").is_file() else None
+    except UsaeError:
+        return None
+    split = ((meta.get("extra") or {}).get("split") if isinstance(meta, dict) else None) or {}
+    same = isinstance(split, dict) and split.get("name") == "val" and split.get("other")
+    return twin if same and os.path.abspath(str(split["other"])) == os.path.abspath(out) else None
+
+
+def remove_stale_twin(out: Path) -> None:
+    """Delete an earlier split's OUT-val once the new store (which holds none) is in place: its images
+    are training rows now, so its numbers would be in-sample while called held out."""
+    twin = stale_twin(out)
+    if twin is None:
+        return
+    doomed = twin.with_name(f".{twin.name}.stale")  # renamed first: no reader sees a half-deleted store
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(twin, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+    log.warning("removed %s, the held-out store of an earlier split: this extraction holds out no image", twin)

@@ -22,12 +22,13 @@ from typing import Any
 
 import torch
 
-from usae._io import check_output, output_dir, save_tensors_atomic, write_json_atomic, write_text_atomic
+from usae._input import NUMBER, Maybe, check_schema
+from usae._io import check_output, output_dir, read_json, save_tensors_atomic, write_json_atomic, write_text_atomic
 from usae._version import __version__
 from usae.config import ExportConfig, to_json_dict
 from usae.errors import UsaeError
 from usae.model.sae import UniversalSAE
-from usae.run import CONFIG_NAME, MODEL_NAME, SCHEMA_VERSION, read_run_config, run_reports
+from usae.run import CONFIG_NAME, MODEL_NAME, SCHEMA_VERSION, read_run_config, run_reports, stale_report
 from usae.run import load as load_artifact
 
 log = logging.getLogger(__name__)
@@ -204,7 +205,7 @@ def export_run(
     store = run_cfg.get("store") if isinstance(run_cfg.get("store"), dict) else {}
     data = {k: store.get(k) for k in ("hash", "n_rows") if k in store}
     models_info = _store_models_info(store.get("path"), sae.model_names, data)
-    metrics = _headline(run_reports(run_dir))
+    metrics = _headline(run_dir)
     train = run_cfg.get("train") if isinstance(run_cfg.get("train"), dict) else None
     if isinstance(run_cfg.get("imported_from"), dict):
         data["imported_from"] = run_cfg["imported_from"]
@@ -243,17 +244,31 @@ def _store_models_info(store_path: Any, names: list[str], data: dict[str, Any]) 
     return {n: dict(backbones[n]) for n in names if isinstance(backbones.get(n), dict)}
 
 
-def _headline(report_paths: list[Path]) -> dict[str, Any] | None:
-    """Headline numbers of the run's reports: a held-out store's first, else the first readable one."""
+_HEADLINE_SCHEMA = {
+    **{k: Maybe(NUMBER) for k in ("r2_self_mean", "r2_cross_mean")},
+    **{k: Maybe({str: Maybe(NUMBER)}) for k in ("fvu", "l0", "dead_fraction")},
+    "store": Maybe({"path": Maybe(str), "trained_on": Maybe(bool)}),
+    "classes": Maybe({"counts": Maybe({str: int})}),
+}
+
+
+def _headline(run_dir: Path) -> dict[str, Any] | None:
+    """Headline numbers of the run's reports: a held-out store's first, else the first readable one.
+
+    A report of other weights than the run's now (``stale_report``) is refused: the card would show
+    an older model's numbers. One that does not parse or fit the schema is skipped with a warning.
+    """
     reports = []
-    for path in report_paths:
+    for path in run_reports(run_dir):
         try:
-            report = json.loads(path.read_text())
-        except (OSError, ValueError, RecursionError):
-            log.warning("%s is unreadable; not used for the card's metrics", path)
+            report = read_json(path, "report")
+            check_schema(report, _HEADLINE_SCHEMA, path)
+        except UsaeError as e:
+            log.warning("%s; not used for the card's metrics", e)
             continue
-        if isinstance(report, dict):
-            reports.append(report)
+        if (why := stale_report(run_dir, report, path)) is not None:
+            raise UsaeError(f"{why}; run `usae evaluate {run_dir} STORE` again (or delete it) before exporting")
+        reports.append(report)
     if not reports:
         return None
     report = next((r for r in reports if (r.get("store") or {}).get("trained_on") is False), reports[0])

@@ -100,7 +100,22 @@ def read_official_config(path: str | Path) -> OfficialConfig:
     if norm not in NORMALIZATIONS:
         raise UsaeError(f"{path}: dictionary normalization {norm!r} is not supported (one of {list(NORMALIZATIONS)})")
     models = [_official_model(path, name, entry, bool(standardize)) for name, entry in zoo.items()]
+    _check_distinct_names(models, path)
     return OfficialConfig(models, top_k, encoder, norm)
+
+
+def _check_distinct_names(models: list[OfficialModel], path: Path) -> None:
+    """Refuse two model_zoo keys that become one usae model name (``x.y`` and ``x_y`` are both
+    ``x_y``; names are compared ignoring case, as directory names): one model was silently dropped."""
+    seen: dict[str, str] = {}
+    for m in models:
+        key = _safe_name(m.name).lower()
+        if key in seen:
+            raise UsaeError(
+                f"{path}: model_zoo keys {seen[key]!r} and {m.name!r} both become the model name "
+                f"{_safe_name(m.name)!r}; rename one of them"
+            )
+        seen[key] = m.name
 
 
 def _load_yaml(path: Path) -> dict[str, Any]:

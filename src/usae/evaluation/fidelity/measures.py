@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from usae._input import NUMBER, NUMBER_OR_NULL, Maybe
 from usae.errors import UsaeError
 
 SPLICE_JSON = "splice.json"
@@ -121,3 +122,16 @@ def splice_cell(task: str, sums: SpliceSums, floor: SpliceSums) -> dict[str, flo
 def headline(result: dict, j: str) -> str:
     """The measure splice.json's tables and figure show first for destination ``j``: its task's fidelity."""
     return "agreement" if result["task"].get(j) == "classifier" else "correlation"
+
+
+# What report.md reads of RUN/splice.json (check_schema: a hand edit of the wrong type is one line)
+SPLICE_SCHEMA = {
+    "models": [str],
+    "task": {str: Maybe(str)},
+    "available": {str: bool},
+    "matrices": {str: [[NUMBER_OR_NULL]]},
+    "controls": {str: {str: Maybe({str: NUMBER_OR_NULL})}},
+    "n_images": NUMBER,
+    "store": str,
+    "unavailable_reasons": Maybe({str: str}),
+}

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from usae._io import check_output, write_json_atomic
 from usae.config import LabelConfig
 from usae.data.store import Store
+from usae.errors import UsaeError
 from usae.evaluation.classes import USED_CLASSES, energy_share
 from usae.evaluation.naming.pixels import PixelLabels, pixel_labels, stack_pixel_labels
 from usae.evaluation.naming.scores import LabelMatrix, label_matrix, name_concepts, shuffled_control, top_n
@@ -167,11 +168,29 @@ def _family(acts: dict[str, Any], labels: LabelMatrix, cfg: LabelConfig, level: 
     }
 
 
+def too_small_to_name(store: Store, n_top: int, n_top_tokens: int) -> str | None:
+    """Why ``store`` is too small to name concepts on (a one-line reason in images and tokens), or None.
+
+    Naming ranks each concept's top ``n_top`` images (the dataset's labels) and ``n_top_tokens``
+    tokens (pixel labels); fewer items than that cannot be ranked.
+    """
+    n_images = len(store.image_ids or [])  # a store without images: label() says so itself
+    if store.image_ids is not None and dataset_labels(store) is not None and n_images < n_top:
+        return f"{store.path}: the store has {n_images} images and naming needs at least --n-top {n_top}"
+    if store.n_rows < n_top_tokens:
+        return (
+            f"{store.path}: the store has {store.n_rows} tokens and naming needs at least --n-top-tokens {n_top_tokens}"
+        )
+    return None
+
+
 def label(cfg: LabelConfig) -> dict[str, Any]:
     """Name the run's concepts on ``cfg.store``; write OUT/labels.json and OUT/names.json; return labels.json."""
     out = check_output(cfg.out or cfg.run, ("", "usae-run"), reading=(cfg.store,), replaces=False)
     sae, store = open_run_store(cfg.run, cfg.store, cfg.device)
     layout = image_layout(store)
+    if (why := too_small_to_name(store, cfg.n_top, cfg.n_top_tokens)) is not None:
+        raise UsaeError(f"{why} (lower it, or name on a larger store)")
     log.info("naming on %s: %d images, %d rows", store.path, len(layout.image_ids), store.n_rows)
     codes = encode_codes(sae, store, cfg.batch_images, cfg.progress)
     families: dict[str, Any] = {}

@@ -58,7 +58,9 @@ def r2_gap(reports: list[dict[str, Any]]) -> dict[str, float] | None:
         return None
     out = {"held_self": held["r2_self_mean"], "in_self": seen["r2_self_mean"]}
     out |= {"held_cross": held["r2_cross_mean"], "in_cross": seen["r2_cross_mean"]}
-    return out | {"gap_self": out["in_self"] - out["held_self"], "gap_cross": out["in_cross"] - out["held_cross"]}
+    gaps = {"gap_self": ("in_self", "held_self"), "gap_cross": ("in_cross", "held_cross")}
+    # a one-model run has no cross R² (null): its gap is undefined too, not a crash
+    return out | {g: None if None in (out[a], out[b]) else out[a] - out[b] for g, (a, b) in gaps.items()}
 
 
 def _store_context(report: dict[str, Any], label: str, thresholds: ClassThresholds, n_top: int) -> dict[str, Any]:

@@ -20,6 +20,8 @@ def load_fake(ident: str, name: str, spec: str, layer: str | None, pretrained: b
     if not m:
         raise UsaeError(f"{spec}: fake backbones are named like fake:w16s8 or fake:w16s8i64 (width, stride, input)")
     width, stride, size = int(m[1]), int(m[2]), int(m[3] or 64)
+    if not (1 <= width <= 4096 and 1 <= stride <= size <= 4096):
+        raise UsaeError(f"{spec}: a fake backbone needs width in [1, 4096] and stride in [1, input size <= 4096]")
     # seeded by KIND:ID[@LAYER] alone: an alias or preprocessing options do not change the weights
     gen = torch.Generator().manual_seed(zlib.crc32(split_options(spec)[0].split("=")[-1].encode()))
     net = nn.Sequential(nn.Conv2d(3, width, stride, stride), nn.GELU(), nn.Conv2d(width, width, 3, padding=1))

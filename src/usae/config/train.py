@@ -334,7 +334,7 @@ class TrainConfig:
     Attributes:
         data: Which rows each step reads, on which device (runs that agree on all of it share one
             pass over the store: ``fit_many``).
-        source: With ``--images`` (no store): the images and backbones the rows come from.
+        source: With --images (no store): the images and backbones the rows come from.
         arch: What is built: the SAE's architecture, input normalisation and initialisation.
         optim: How it is updated: the rule, the losses, the optimiser and its LR schedule.
         io: Where the run is written, how often, and to which trackers (nothing here changes a result).

@@ -45,10 +45,10 @@ from usae.data.store_format import (
     is_int,
     is_number,
     shard_name,
+    stats_from_json,
 )
 from usae.data.store_writer import StoreWriter, write_store  # noqa: F401  (the store's public API in one place)
 from usae.errors import UsaeError
-from usae.model.metrics import outlier_gamma
 
 logger = logging.getLogger(__name__)
 
@@ -288,11 +288,7 @@ class Store:
     def stats(self, name: str) -> ModelStats:
         """Statistics of model ``name`` recorded at write time."""
         self._width(name)
-        s = self.metadata["stats"][name]
-        mean_d, var_d = np.asarray(s["mean"], np.float32), np.asarray(s["var"], np.float32)
-        gamma = s.get("gamma")  # recorded since γ exists; computed for older stores (and inf/NaN, null in JSON)
-        gamma = float(gamma) if gamma is not None else outlier_gamma(s["mean"], s["var"])
-        return ModelStats(mean_d, var_d, float(s["std"]), float(s["scalar_mean"]), gamma)
+        return stats_from_json(self.metadata["stats"][name])
 
     def rows(self, name: str, start: int, stop: int, dtype: Any = np.float32) -> np.ndarray:
         """Rows [start, stop) of model ``name`` as a (stop - start, d) copy (``dtype=None``: the store's)."""

@@ -98,6 +98,14 @@ class RunningStats:
         }
 
 
+def stats_from_json(s: dict[str, Any]) -> ModelStats:
+    """``ModelStats`` from a ``RunningStats.to_json()`` record (a store's metadata.json ``stats.<model>``)."""
+    mean_d, var_d = np.asarray(s["mean"], np.float32), np.asarray(s["var"], np.float32)
+    gamma = s.get("gamma")  # recorded since γ exists; computed for older stores (and inf/NaN, null in JSON)
+    gamma = float(gamma) if gamma is not None else outlier_gamma(s["mean"], s["var"])
+    return ModelStats(mean_d, var_d, float(s["std"]), float(s["scalar_mean"]), gamma)
+
+
 def _json_number(value: float) -> float | None:
     """JSON has no inf or NaN: those are written as null."""
     return value if math.isfinite(value) else None

@@ -34,7 +34,7 @@ import torch
 
 from usae.config import TrainConfig
 from usae.data.source import TrainSource
-from usae.data.store_format import ModelStats, RunningStats, outlier_gamma
+from usae.data.store_format import ModelStats, RunningStats, stats_from_json
 from usae.device import resolve_device
 from usae.errors import UsaeError
 from usae.extraction.backbones import Backbone, load_backbone
@@ -159,14 +159,8 @@ class ImageRows:
             x = self._tokens(sample[at : at + STATS_GROUP])
             for n, x_bd in x.items():
                 acc[n].update(x_bd)
-        out = {}
-        for n, s in acc.items():
-            var_d = s.m2_d / s.n
-            mean_d = s.mean_d
-            gamma = outlier_gamma(mean_d, var_d)
-            std, scalar = float(np.sqrt(var_d.mean())), float(mean_d.mean())
-            out[n] = ModelStats(mean_d.astype(np.float32), var_d.astype(np.float32), std, scalar, gamma)
-        return out
+        # the store's own record and reader: the same numbers as a store's metadata.json gives
+        return {n: stats_from_json(s.to_json()) for n, s in acc.items()}
 
     def _tokens(self, positions: list[int]) -> dict[str, np.ndarray]:
         """Images ``positions`` (indices into ``chosen``) through every backbone: name -> (len·t, d)."""
